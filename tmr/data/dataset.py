@@ -1,0 +1,147 @@
+"""Pair datasets (PyG `InMemoryDataset`, featurised once and cached), batching, and the splits.
+
+`MoleculeTextDataset(path)` reads any (id, SMILES, text) file, featurises every molecule once and
+caches the graphs under `~/.cache/tmr/processed/<file sha256>/`; unparsable SMILES are counted,
+logged with their ids and skipped. `load_splits(root)` gives the fit / select / test sets and the
+candidate pool, whatever split files exist (see PROVENANCE.md: without train.txt, a seeded
+re-split of validation is used and labelled "provisional").
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch.utils.data import Dataset, Subset
+from torch_geometric.data import Batch, InMemoryDataset
+from tqdm.auto import tqdm
+
+from tmr.data.featurize import InvalidMolecule, featurize
+from tmr.data.sources import CACHE, available_splits, read_pairs
+
+log = logging.getLogger("tmr.data")
+FEATURE_VERSION = "1"  # bump when featurize() changes, so caches are rebuilt
+PROVISIONAL_SELECT = 500  # PROVENANCE.md: 2,801 pairs to fit, 500 to select on
+PROVISIONAL_SEED = 0
+
+
+class MoleculeTextDataset(InMemoryDataset):
+    """Graphs of one pair file, each carrying `.id`, `.text` and canonical `.smiles`."""
+
+    def __init__(self, path: str | Path, cache_dir: str | Path | None = None, require_text: bool = True,
+                 progress: bool = True):
+        self.source = Path(path).resolve()
+        self.require_text = require_text
+        self.progress = progress
+        digest = hashlib.sha256(self.source.read_bytes()).hexdigest()[:20]
+        root = Path(cache_dir or CACHE) / "processed" / f"{digest}-v{FEATURE_VERSION}{'' if require_text else '-notext'}"
+        super().__init__(str(root), log=False)
+        self.load(self.processed_paths[0])
+        self.skipped = json.loads(Path(self.processed_paths[1]).read_text())
+        if self.skipped:
+            log.warning("%s: %d row(s) skipped, e.g. %s", self.source.name, len(self.skipped), self.skipped[:5])
+
+    @property
+    def raw_file_names(self) -> list[str]:
+        return []
+
+    @property
+    def processed_file_names(self) -> list[str]:
+        return ["graphs.pt", "skipped.json"]
+
+    def download(self) -> None:  # the source file is given; nothing to fetch
+        pass
+
+    def process(self) -> None:
+        pairs, report = read_pairs(self.source, require_text=self.require_text)
+        graphs, skipped = [], list(report.skipped)
+        for pair in tqdm(pairs, desc=f"featurising {self.source.name}", disable=not self.progress, mininterval=2):
+            try:
+                graph = featurize(pair.smiles)
+            except InvalidMolecule as error:
+                skipped.append((pair.id, str(error)))
+                continue
+            graph.id, graph.text = pair.id, pair.text
+            graphs.append(graph)
+        if not graphs:
+            raise ValueError(f"{self.source}: no usable rows ({len(skipped)} skipped)")
+        self.save(graphs, self.processed_paths[0])
+        Path(self.processed_paths[1]).write_text(json.dumps(skipped))
+
+    @property
+    def texts(self) -> list[str]:
+        return list(self._data.text)
+
+    @property
+    def ids(self) -> list[str]:
+        return list(self._data.id)
+
+
+class PairCollator:
+    """List of graphs -> {"graphs": Batch, "input_ids", "attention_mask"} (text i pairs graph i)."""
+
+    def __init__(self, tokenizer, max_length: int):
+        self.tokenizer, self.max_length = tokenizer, max_length
+
+    def __call__(self, items: list) -> dict:
+        tokens = self.tokenize([item.text for item in items])
+        return {"graphs": Batch.from_data_list(items), **tokens}
+
+    def tokenize(self, texts: list[str]) -> dict:
+        out = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt")
+        return {"input_ids": out["input_ids"], "attention_mask": out["attention_mask"]}
+
+
+@dataclass
+class Splits:
+    """What a run fits on, selects on, tests on, and ranks against."""
+
+    fit: Dataset
+    select: Dataset
+    test: Dataset | None
+    pool: list[MoleculeTextDataset]  # every pair of every split present: Text2Mol's candidate pool
+    select_positions: torch.Tensor  # where the select set sits in the concatenated pool
+    test_positions: torch.Tensor | None
+    label: str  # "ChEBI-20" or "provisional (validation re-split)"
+
+
+def _offsets(datasets: list[MoleculeTextDataset]) -> list[int]:
+    out, total = [], 0
+    for dataset in datasets:
+        out.append(total)
+        total += len(dataset)
+    return out
+
+
+def load_splits(root: str | Path, cache_dir: str | Path | None = None, max_train_pairs: int | None = None,
+                seed: int = 42) -> Splits:
+    files = available_splits(Path(root))
+    if "validation" not in files:
+        raise FileNotFoundError(f"{root}: no validation.txt; tmr selects models on validation")
+    loaded = {name: MoleculeTextDataset(path, cache_dir) for name, path in files.items()}
+    pool = [loaded[name] for name in ("train", "validation", "test") if name in loaded]
+    offset = dict(zip([n for n in ("train", "validation", "test") if n in loaded], _offsets(pool)))
+    validation = loaded["validation"]
+    if "train" in loaded:
+        fit: Dataset = loaded["train"]
+        select: Dataset = validation
+        select_positions = offset["validation"] + torch.arange(len(validation))
+        label = "ChEBI-20"
+    else:
+        log.warning("no train.txt: fitting on a provisional re-split of validation (%d to select on)",
+                    PROVISIONAL_SELECT)
+        order = torch.randperm(len(validation), generator=torch.Generator().manual_seed(PROVISIONAL_SEED))
+        fit_idx, select_idx = order[PROVISIONAL_SELECT:].sort().values, order[:PROVISIONAL_SELECT].sort().values
+        fit, select = Subset(validation, fit_idx.tolist()), Subset(validation, select_idx.tolist())
+        select_positions = offset["validation"] + select_idx
+        label = "provisional (validation re-split)"
+    if max_train_pairs is not None and max_train_pairs < len(fit):
+        keep = torch.randperm(len(fit), generator=torch.Generator().manual_seed(seed))[:max_train_pairs]
+        fit = Subset(fit, keep.sort().values.tolist())
+    test = loaded.get("test")
+    test_positions = offset["test"] + torch.arange(len(test)) if test is not None else None
+    return Splits(fit, select, test, pool, select_positions, test_positions, label)

@@ -1,0 +1,159 @@
+"""Where ChEBI-20 comes from: data-root resolution, verified downloads, and reading pair files.
+
+Root resolution order: explicit `--data`, then `$TMR_DATA`, then `../shared/data/chebi20` (beside
+the checkout or the working directory) when present, else the public MolT5 files downloaded into
+`~/.cache/tmr/chebi20` and checked against their sha256 (or git blob sha1 where the sha256 is not
+published yet). A split that is not there is reported, never faked.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import logging
+import os
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+log = logging.getLogger("tmr.data")
+
+SPLITS = ("train", "validation", "test")
+URL = "https://raw.githubusercontent.com/blender-nlp/MolT5/main/ChEBI-20_data/{split}.txt"
+# From ../shared/data/PROVENANCE.md: sha256 where known, else the git blob sha1 at the pinned commit.
+CHECKSUMS = {
+    "train": ("git-blob-sha1", "c1b42b82fdc8fb5287614e159196e25370763aac"),
+    "validation": ("sha256", "f410b58e6825986577d01b4f0c14b59ed61c1343a15118ba584de4bbcea1508c"),
+    "test": ("sha256", "91776254b54ef13ad701ede0ecdbd7bcd30c19a66e52aa34a6dac8d0e7306d72"),
+}
+CACHE = Path(os.environ.get("TMR_CACHE", Path.home() / ".cache" / "tmr"))
+
+
+def _shared_candidates() -> list[Path]:
+    checkout = Path(__file__).resolve().parents[2]
+    return [checkout.parent / "shared/data/chebi20", Path.cwd().parent / "shared/data/chebi20",
+            Path.cwd() / "shared/data/chebi20"]
+
+
+def resolve_data_root(data: str | os.PathLike | None = None, download: bool = True) -> Path:
+    """The directory holding `{train,validation,test}.txt`, by the order in the module docstring."""
+    if data:
+        root = Path(data).expanduser()
+        if not root.is_dir():
+            raise FileNotFoundError(f"data root {root} does not exist")
+        return root
+    if os.environ.get("TMR_DATA"):
+        return resolve_data_root(os.environ["TMR_DATA"])
+    for candidate in _shared_candidates():
+        if any((candidate / f"{split}.txt").exists() for split in SPLITS):
+            return candidate
+    root = CACHE / "chebi20"
+    if download:
+        for split in SPLITS:
+            try:
+                download_split(split, root)
+            except OSError as error:
+                log.warning("could not download ChEBI-20 %s: %s", split, error)
+    return root
+
+
+def file_digest(data: bytes, kind: str) -> str:
+    if kind == "sha256":
+        return hashlib.sha256(data).hexdigest()
+    if kind == "git-blob-sha1":
+        return hashlib.sha1(b"blob " + str(len(data)).encode() + b"\0" + data).hexdigest()
+    raise ValueError(kind)
+
+
+def download_split(split: str, root: Path) -> Path:
+    """Fetch one public split file, verify its checksum, and move it into place atomically."""
+    target = root / f"{split}.txt"
+    if target.exists():
+        return target
+    root.mkdir(parents=True, exist_ok=True)
+    log.info("downloading ChEBI-20 %s from %s", split, URL.format(split=split))
+    with urllib.request.urlopen(URL.format(split=split), timeout=60) as response:
+        data = response.read()
+    kind, expected = CHECKSUMS[split]
+    if file_digest(data, kind) != expected:
+        raise OSError(f"ChEBI-20 {split}: {kind} mismatch (expected {expected}); not saved")
+    partial = target.with_suffix(".part")
+    partial.write_bytes(data)
+    partial.replace(target)
+    return target
+
+
+def available_splits(root: Path) -> dict[str, Path]:
+    """The split files present under root; missing ones are logged."""
+    found = {s: root / f"{s}.txt" for s in SPLITS if (root / f"{s}.txt").exists()}
+    missing = [s for s in SPLITS if s not in found]
+    if missing:
+        log.warning("ChEBI-20 at %s: missing split(s) %s; working with %s", root, missing, sorted(found))
+    return found
+
+
+@dataclass
+class Pair:
+    id: str
+    smiles: str
+    text: str
+
+
+@dataclass
+class ReadReport:
+    path: str
+    rows: int = 0
+    kept: int = 0
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (id, reason)
+
+    def log(self) -> None:
+        if self.skipped:
+            shown = ", ".join(f"{i} ({r})" for i, r in self.skipped[:10])
+            log.warning("%s: skipped %d of %d rows: %s%s", self.path, len(self.skipped), self.rows,
+                        shown, " ..." if len(self.skipped) > 10 else "")
+
+
+_ID = ("cid", "id", "name", "identifier")
+_SMILES = ("smiles", "canonical_smiles")
+_TEXT = ("description", "text", "caption")
+
+
+def read_pairs(path: str | os.PathLike, require_text: bool = True) -> tuple[list[Pair], ReadReport]:
+    """Read (id, smiles, text) rows from a TSV/CSV with a header, or a bare SMILES-per-line file.
+
+    Rows with no SMILES (or, when `require_text`, no text) are reported and skipped; SMILES are
+    checked later, by featurisation.
+    """
+    path = Path(path)
+    report = ReadReport(str(path))
+    with open(path, newline="", encoding="utf-8") as handle:
+        head = handle.readline()
+        delimiter = "\t" if "\t" in head else ","
+        columns = [c.strip().lower() for c in head.rstrip("\r\n").split(delimiter)]
+        has_header = any(c in _SMILES for c in columns)
+        handle.seek(0)
+        rows = csv.reader(handle, delimiter=delimiter, quoting=csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL)
+        if has_header:
+            next(rows)
+            pick = lambda names: next((columns.index(n) for n in names if n in columns), None)  # noqa: E731
+            id_col, smiles_col, text_col = pick(_ID), pick(_SMILES), pick(_TEXT)
+        else:  # bare file: smiles [id] per line
+            id_col, smiles_col, text_col = (1 if delimiter in head else None), 0, None
+        if require_text and text_col is None:
+            raise ValueError(f"{path}: no text column (expected one of {_TEXT}) in header {columns}")
+        pairs = []
+        for number, row in enumerate(rows, start=1):
+            if not row or not any(cell.strip() for cell in row):
+                continue
+            report.rows += 1
+            get = lambda col: row[col].strip() if col is not None and col < len(row) else ""  # noqa: E731
+            pair = Pair(get(id_col) or f"row{number}", get(smiles_col), get(text_col))
+            if not pair.smiles:
+                report.skipped.append((pair.id, "empty SMILES"))
+            elif require_text and not pair.text:
+                report.skipped.append((pair.id, "empty text"))
+            else:
+                pairs.append(pair)
+    report.kept = len(pairs)
+    report.log()
+    return pairs, report

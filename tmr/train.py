@@ -1,0 +1,191 @@
+"""Training pieces shared by every loop, and the plain one-process loop (`fit`).
+
+`fit(config)` trains without Ray: fit split in, model directory + metrics.json + curves out. The
+Ray Train + DeepSpeed job (tmr/distributed.py) uses the same optimiser, schedule, critic update and
+evaluation, so the two differ only in who owns the process group and the optimiser step.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from tqdm.auto import tqdm
+
+from tmr.config import RunConfig, TrainConfig, dump_config
+from tmr.data import PairCollator, Splits, load_splits, resolve_data_root
+from tmr.losses import AlignmentLoss, Discriminator, critic_loss
+from tmr.metrics import retrieval_metrics
+from tmr.model import TMRModel, create_model
+
+log = logging.getLogger("tmr.train")
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def parameter_groups(model: TMRModel, train: TrainConfig) -> list[dict]:
+    """Text backbone at text_lr, everything else at lr; frozen parameters left out."""
+    backbone = {id(p) for p in model.text_encoder.backbone.parameters()}
+    text = [p for p in model.parameters() if p.requires_grad and id(p) in backbone]
+    rest = [p for p in model.parameters() if p.requires_grad and id(p) not in backbone]
+    groups = [{"params": rest, "lr": train.lr, "weight_decay": train.weight_decay}]
+    if text:
+        groups.append({"params": text, "lr": train.text_lr, "weight_decay": train.weight_decay})
+    return groups
+
+
+def warmup_linear(warmup_steps: int, total_steps: int):
+    """LambdaLR factor: linear warm-up, then linear decay to zero at total_steps."""
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / max(1, warmup_steps)
+        return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
+    return factor
+
+
+def make_loader(dataset: Dataset, collator: PairCollator, batch_size: int, shuffle: bool, seed: int,
+                rank: int = 0, world_size: int = 1) -> DataLoader:
+    """Each worker gets batch_size // world_size rows of every global batch (equal shards, last one dropped)."""
+    if batch_size % world_size:
+        raise ValueError(f"global batch {batch_size} does not split evenly over {world_size} workers")
+    sampler = DistributedSampler(dataset, world_size, rank, shuffle=shuffle, seed=seed, drop_last=True)
+    return DataLoader(dataset, batch_size=batch_size // world_size, sampler=sampler, collate_fn=collator,
+                      drop_last=shuffle)
+
+
+def all_reduce_gradients(module: torch.nn.Module) -> None:
+    """Average gradients over workers (for the critic, which lives outside the DeepSpeed engine)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return
+    for p in module.parameters():
+        if p.grad is not None:
+            dist.all_reduce(p.grad)
+            p.grad /= dist.get_world_size()
+
+
+def critic_update(discriminator: Discriminator, optimizer: torch.optim.Optimizer, outputs: dict,
+                  penalty_weight: float) -> dict[str, float]:
+    """One WGAN-GP critic step on detached pooled features (texts real, molecules fake)."""
+    optimizer.zero_grad(set_to_none=True)
+    terms = critic_loss(discriminator, outputs["text_pooled"].float(), outputs["molecule_pooled"].float(),
+                        penalty_weight)
+    terms["critic"].backward()
+    all_reduce_gradients(discriminator)
+    optimizer.step()
+    return {k: v.item() for k, v in terms.items()}
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+@torch.no_grad()
+def embed_pairs(model: TMRModel, dataset: Dataset, progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(text, molecule) embeddings of every pair of a dataset, in order."""
+    items = [dataset[i] for i in range(len(dataset))]
+    texts = [item.text for item in items]
+    text = torch.cat([model.encode_text(texts[s:s + 256]) for s in
+                      tqdm(range(0, len(texts), 256), desc="embedding texts", disable=not progress, leave=False)])
+    molecule = model.encode_graphs(items)
+    return text, molecule
+
+
+def evaluate(model: TMRModel, splits: Splits, which: str = "select", pools: tuple[str, ...] = ("split", "all"),
+             progress: bool = False) -> dict:
+    """Metrics of one split ("select" or "test") for each requested pool."""
+    dataset, positions = (splits.select, splits.select_positions) if which == "select" else (splits.test, splits.test_positions)
+    if "all" in pools:
+        embedded = [embed_pairs(model, d, progress) for d in splits.pool]
+        text, molecule = torch.cat([t for t, _ in embedded]), torch.cat([m for _, m in embedded])
+        out = {pool: retrieval_metrics(text, molecule, positions, pool) for pool in pools}
+    else:
+        text, molecule = embed_pairs(model, dataset, progress)
+        out = {"split": retrieval_metrics(text, molecule, None, "all")}
+    return {"data": splits.label, "split": which, **out}
+
+
+def plot_history(history: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [h["epoch"] for h in history]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.5))
+    left.plot(epochs, [h["train_loss"] for h in history], marker="o")
+    left.set(xlabel="epoch", ylabel="training loss", title="loss")
+    for key, label in (("val_mrr_t2m", "text→molecule"), ("val_mrr_m2t", "molecule→text")):
+        right.plot(epochs, [h[key] for h in history], marker="o", label=label)
+    right.set(xlabel="epoch", ylabel="MRR (%)", title="validation MRR (split pool)")
+    right.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def epoch_record(epoch: int, losses: list[float], metrics: dict, seconds: float) -> dict:
+    split = metrics["split"]
+    return {"epoch": epoch, "train_loss": float(np.mean(losses)) if losses else math.nan, "seconds": seconds,
+            "val_mrr_t2m": split["text_to_molecule"]["mrr"], "val_mrr_m2t": split["molecule_to_text"]["mrr"],
+            "val_mrr": (split["text_to_molecule"]["mrr"] + split["molecule_to_text"]["mrr"]) / 2}
+
+
+def fit(config: RunConfig, progress: bool = True) -> dict:
+    """Plain one-process training: returns (and writes) the run's metrics; best model in output/best."""
+    train = config.train
+    seed_everything(train.seed)
+    out = Path(config.output)
+    out.mkdir(parents=True, exist_ok=True)
+    dump_config(config, out / "config.json")
+    splits = load_splits(resolve_data_root(config.data), max_train_pairs=train.max_train_pairs, seed=train.seed)
+    model = create_model(config.model)
+    model.logit_scale.requires_grad_(config.loss.first_order == "infonce")
+    criterion = AlignmentLoss(config.loss)
+    discriminator = Discriminator(config.model.embed_dim)
+    d_opt = torch.optim.Adam(discriminator.parameters(), lr=config.loss.discriminator_lr, betas=(0.5, 0.9))
+    loader = make_loader(splits.fit, PairCollator(model.tokenizer, config.model.text.max_length), train.batch_size,
+                         shuffle=True, seed=train.seed)
+    optimizer = torch.optim.Adam(parameter_groups(model, train))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_linear(train.warmup_steps, train.epochs * len(loader)))
+    history, best = [], -1.0
+    for epoch in range(1, train.epochs + 1):
+        started, losses = time.time(), []
+        loader.sampler.set_epoch(epoch)
+        model.train()
+        for batch in tqdm(loader, desc=f"epoch {epoch}/{train.epochs}", disable=not progress, leave=False):
+            outputs = model(batch)
+            terms = criterion(outputs, discriminator, model.logit_scale)
+            optimizer.zero_grad(set_to_none=True)
+            terms["loss"].backward()
+            optimizer.step()
+            scheduler.step()
+            if config.loss.adversarial_weight > 0:
+                critic_update(discriminator, d_opt, outputs, config.loss.gradient_penalty_weight)
+            losses.append(terms["loss"].item())
+        record = epoch_record(epoch, losses, evaluate(model, splits, pools=("split",)), time.time() - started)
+        history.append(record)
+        log.info("epoch %d: loss %.4f, val MRR t2m %.2f m2t %.2f", epoch, record["train_loss"],
+                 record["val_mrr_t2m"], record["val_mrr_m2t"])
+        if record["val_mrr"] > best:
+            best = record["val_mrr"]
+            model.save_pretrained(out / "best")
+    best_model = TMRModel.from_pretrained(out / "best")
+    result = {"history": history, "best_epoch": max(history, key=lambda h: h["val_mrr"])["epoch"],
+              "validation": evaluate(best_model, splits, progress=progress)}
+    if splits.test is not None:
+        result["test"] = evaluate(best_model, splits, "test", progress=progress)
+    (out / "metrics.json").write_text(json.dumps(result, indent=2))
+    plot_history(history, out / "curves.png")
+    return result

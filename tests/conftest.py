@@ -30,3 +30,13 @@ def small_root(tmp_path_factory, chebi_root) -> Path:
 @pytest.fixture()
 def tiny_config():
     return load_config("tiny")
+
+
+@pytest.fixture(scope="session")
+def train_root(tmp_path_factory, chebi_root) -> Path:
+    """A data root with train.txt (300 pairs) and validation.txt (100 pairs), cut from the real file."""
+    root = tmp_path_factory.mktemp("chebi_train")
+    header, *rows = (chebi_root / "validation.txt").read_text(encoding="utf-8").splitlines()
+    (root / "train.txt").write_text("\n".join([header] + rows[:300]) + "\n", encoding="utf-8")
+    (root / "validation.txt").write_text("\n".join([header] + rows[300:400]) + "\n", encoding="utf-8")
+    return root

@@ -79,7 +79,6 @@ class TrainConfig:
     zero_stage: int = 0
     bf16: bool = False  # used on GPU only
     max_train_pairs: int | None = None  # subsample the training split (None: all of it)
-    val_fraction: float = 0.15  # provisional re-split when no train.txt is present (see data)
     eval_every: int = 1
     log_every: int = 20
 

@@ -9,6 +9,8 @@ single-process loss on the whole global batch. With no process group everything 
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -31,7 +33,9 @@ def gather_features(features: torch.Tensor) -> torch.Tensor:
         return features
     from torch.distributed.nn.functional import all_gather
 
-    return torch.cat(all_gather(features.contiguous()), dim=0)
+    with warnings.catch_warnings():  # deprecated in favour of a private API; the public one still works
+        warnings.simplefilter("ignore", FutureWarning)
+        return torch.cat(all_gather(features.contiguous()), dim=0)
 
 
 def local_rows(local_size: int) -> torch.Tensor:

@@ -16,6 +16,7 @@ import dataclasses
 import json
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -191,8 +192,10 @@ class GlobalBatchNorm(nn.BatchNorm1d):
 
         count = torch.tensor([x.shape[0]], dtype=x.dtype, device=x.device)
         dist.all_reduce(count)
-        mean = all_reduce(x.sum(0)) / count
-        var = all_reduce(((x - mean) ** 2).sum(0)) / count
+        with warnings.catch_warnings():  # deprecated in favour of a private API; the public one still works
+            warnings.simplefilter("ignore", FutureWarning)
+            mean = all_reduce(x.sum(0)) / count
+            var = all_reduce(((x - mean) ** 2).sum(0)) / count
         with torch.no_grad():
             self.num_batches_tracked += 1
             self.running_mean.lerp_(mean.detach(), self.momentum)

@@ -132,10 +132,11 @@ def load_splits(root: str | Path, cache_dir: str | Path | None = None, max_train
         select_positions = offset["validation"] + torch.arange(len(validation))
         label = "ChEBI-20"
     else:
-        log.warning("no train.txt: fitting on a provisional re-split of validation (%d to select on)",
-                    PROVISIONAL_SELECT)
+        n_select = min(PROVISIONAL_SELECT, len(validation) // 5)  # small user files: a fifth
+        log.warning("no train.txt: fitting on a provisional re-split of validation (%d to fit, %d to select on)",
+                    len(validation) - n_select, n_select)
         order = torch.randperm(len(validation), generator=torch.Generator().manual_seed(PROVISIONAL_SEED))
-        fit_idx, select_idx = order[PROVISIONAL_SELECT:].sort().values, order[:PROVISIONAL_SELECT].sort().values
+        fit_idx, select_idx = order[n_select:].sort().values, order[:n_select].sort().values
         fit, select = Subset(validation, fit_idx.tolist()), Subset(validation, select_idx.tolist())
         select_positions = offset["validation"] + select_idx
         label = "provisional (validation re-split)"

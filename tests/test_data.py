@@ -1,0 +1,99 @@
+"""Featurisation of known molecules, bad input reported and skipped, user files, split selection."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from tmr.data import InvalidMolecule, MoleculeTextDataset, featurize, load_splits, read_pairs, resolve_data_root
+
+
+def test_ethanol_graph():
+    graph = featurize("OCC")
+    assert graph.num_nodes == 3
+    assert graph.edge_index.shape == (2, 4)  # two bonds, both directions
+    assert graph.smiles == "CCO"  # canonical
+    assert graph.x.shape == (3, 9) and graph.edge_attr.shape == (4, 3)  # PyG's atom / bond categories
+    assert graph.x[:, 0].tolist() == [8, 6, 6]  # atomic numbers
+    assert graph.morgan.shape == (3,) and graph.morgan.dtype == torch.long
+
+
+def test_benzene_is_aromatic_and_kekule_forms_agree():
+    aromatic, kekule = featurize("c1ccccc1"), featurize("C1=CC=CC=C1")
+    assert aromatic.smiles == kekule.smiles == "c1ccccc1"
+    assert torch.equal(aromatic.x, kekule.x) and torch.equal(aromatic.edge_attr, kekule.edge_attr)
+    assert torch.equal(aromatic.morgan, kekule.morgan)
+    assert len(set(aromatic.morgan.tolist())) == 1  # six identical atom environments
+
+
+def test_morgan_identifiers_are_found_in_the_mol2vec_table(chebi_root):
+    import numpy as np
+
+    keys = set(np.load(chebi_root.parent / "mol2vec" / "tokens.npz")["keys"].tolist())
+    ids = featurize("CC(C)Cc1ccc(cc1)C(C)C(=O)O").morgan.tolist()  # ibuprofen
+    assert sum(str(i) in keys for i in ids) == len(ids)
+
+
+@pytest.mark.parametrize("bad", ["C1CC", "not a smiles", "", "   ", "C(C)(C)(C)(C)C"])
+def test_invalid_smiles_raises_a_clear_error(bad):
+    with pytest.raises(InvalidMolecule, match="SMILES|unsupported|empty"):
+        featurize(bad)
+
+
+def write(path: Path, text: str) -> Path:
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def test_tsv_with_bad_rows_is_read_and_reports_them(tmp_path):
+    path = write(tmp_path / "pairs.txt", "CID\tSMILES\tdescription\n1\tCCO\tThe molecule is ethanol.\n"
+                 "2\tC1CC\tA broken ring.\n3\tCC(=O)O\t\n4\tc1ccccc1\tThe molecule is benzene.\n")
+    pairs, report = read_pairs(path)
+    assert [p.id for p in pairs] == ["1", "2", "4"]  # SMILES are checked by the dataset, texts here
+    assert [sid for sid, _ in report.skipped] == ["3"]
+    dataset = MoleculeTextDataset(path, cache_dir=tmp_path / "cache", progress=False)
+    assert dataset.ids == ["1", "4"] and dataset.texts[1] == "The molecule is benzene."
+    assert sorted(sid for sid, _ in dataset.skipped) == ["2", "3"]
+    assert any("C1CC" in reason for _, reason in dataset.skipped)
+
+
+def test_csv_with_other_column_names(tmp_path):
+    path = write(tmp_path / "mine.csv", 'id,smiles,text\nA,CCO,"ethanol, a solvent"\nB,CCN,ethylamine\n')
+    pairs, report = read_pairs(path)
+    assert [(p.id, p.smiles, p.text) for p in pairs] == [("A", "CCO", "ethanol, a solvent"), ("B", "CCN", "ethylamine")]
+    assert not report.skipped
+
+
+def test_bare_smiles_file_for_libraries(tmp_path):
+    pairs, _ = read_pairs(write(tmp_path / "lib.smi", "CCO\nc1ccccc1\n\n"), require_text=False)
+    assert [p.smiles for p in pairs] == ["CCO", "c1ccccc1"]
+
+
+def test_data_root_precedence(tmp_path, monkeypatch, chebi_root):
+    monkeypatch.setenv("TMR_DATA", str(tmp_path))
+    assert resolve_data_root(str(chebi_root)) == chebi_root.resolve()  # the flag wins
+    assert resolve_data_root() == tmp_path.resolve()  # then $TMR_DATA
+    monkeypatch.delenv("TMR_DATA")
+    assert resolve_data_root(download=False).name == "chebi20"  # then ../shared beside the checkout
+
+
+def test_provisional_resplit_when_train_is_missing(chebi_root):
+    splits = load_splits(chebi_root)
+    if (chebi_root / "train.txt").exists():
+        pytest.skip("train.txt is present: the provisional re-split is not used")
+    assert splits.label == "provisional (validation re-split)"
+    assert (len(splits.fit), len(splits.select)) == (2801, 500)
+    assert set(splits.fit.indices).isdisjoint(splits.select.indices)
+    assert splits.test is None and sum(len(d) for d in splits.pool) == 3301
+    again = load_splits(chebi_root, seed=7)  # the re-split is fixed, whatever the run's seed
+    assert again.select.indices == splits.select.indices
+
+
+def test_train_file_is_picked_up_when_it_appears(tmp_path, small_root):
+    lines = (small_root / "validation.txt").read_text().splitlines()
+    write(tmp_path / "validation.txt", "\n".join(lines[:61]) + "\n")
+    write(tmp_path / "train.txt", "\n".join([lines[0]] + lines[61:]) + "\n")
+    splits = load_splits(tmp_path, cache_dir=tmp_path / "cache")
+    assert splits.label == "ChEBI-20"
+    assert (len(splits.fit), len(splits.select)) == (60, 60)
+    assert splits.select_positions.tolist() == list(range(60, 120))  # pool order: train, validation, test

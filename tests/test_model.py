@@ -1,0 +1,74 @@
+"""The model: unit-norm embeddings, both molecule encoders, K = 0, and the save/load round trip."""
+
+import json
+
+import pytest
+import torch
+
+from tmr.config import load_config
+from tmr.data import InvalidMolecule
+from tmr.model import create_model, from_pretrained
+
+TEXTS = ["The molecule is ethanol, a primary alcohol.", "The molecule is benzene, an aromatic hydrocarbon."]
+SMILES = ["CCO", "c1ccccc1", "CC(C)Cc1ccc(cc1)C(C)C(=O)O"]
+
+
+@pytest.mark.parametrize("overrides", [[], ["model.molecule.kind=gcn_mol2vec"], ["model.projector.memory_size=0"],
+                                       ["model.head_norm=layer"]])
+def test_save_load_round_trip_gives_identical_embeddings(tmp_path, overrides, chebi_root):
+    config = load_config("tiny", overrides + [f"model.molecule.mol2vec_path={chebi_root.parent / 'mol2vec/tokens.npz'}"])
+    model = create_model(config.model)
+    with torch.no_grad():  # move the BatchNorm statistics away from their initial values
+        model.train()
+        model.head.norm(torch.randn(32, config.model.embed_dim))
+    text, molecule = model.encode_text(TEXTS), model.encode_molecule(SMILES)
+    assert text.shape == (2, 64) and molecule.shape == (3, 64)
+    assert torch.allclose(text.norm(dim=-1), torch.ones(2), atol=1e-5)
+    model.save_pretrained(tmp_path / "model")
+    assert sorted(p.name for p in (tmp_path / "model").iterdir()) == ["config.json", "model.safetensors", "text_encoder"]
+    assert not list(tmp_path.glob(".model*"))  # no staging directory left behind
+    loaded = from_pretrained(tmp_path / "model")
+    assert torch.equal(loaded.encode_text(TEXTS), text)
+    assert torch.equal(loaded.encode_molecule(SMILES), molecule)
+    assert json.loads((tmp_path / "model/config.json").read_text())["tmr_model"]["molecule"]["kind"] == config.model.molecule.kind
+
+
+def test_save_replaces_an_existing_directory(tmp_path):
+    model = create_model(load_config("tiny").model)
+    model.save_pretrained(tmp_path / "best")
+    with torch.no_grad():
+        model.head.linear.bias.add_(1.0)
+    model.save_pretrained(tmp_path / "best")
+    assert torch.equal(from_pretrained(tmp_path / "best").head.linear.bias, model.head.linear.bias)
+
+
+def test_trainable_layers_freezes_the_lower_text_layers():
+    model = create_model(load_config("tiny", ["model.text.trainable_layers=2"]).model)
+    layers = model.text_encoder.layers()
+    trainable = [any(p.requires_grad for p in layer.parameters()) for layer in layers]
+    assert trainable == [False] * (len(layers) - 2) + [True, True]
+    assert not any(p.requires_grad for p in model.text_encoder.backbone.embeddings.parameters())
+    assert all(p.requires_grad for p in model.molecule_encoder.parameters())
+
+
+def test_memory_bank_is_shared_by_both_modalities():
+    model = create_model(load_config("tiny").model)
+    batch_text = model.tokenizer(TEXTS, padding=True, return_tensors="pt")
+    model.zero_grad()
+    model.train()
+    text, _ = model.forward_text(batch_text["input_ids"], batch_text["attention_mask"])
+    text.sum().backward()
+    from_text = model.projector.memory.grad.clone()
+    model.zero_grad()
+    from tmr.data import featurize
+    from torch_geometric.data import Batch
+
+    molecule, _ = model.forward_molecule(Batch.from_data_list([featurize(s) for s in SMILES]))
+    molecule.sum().backward()
+    assert from_text.abs().sum() > 0 and model.projector.memory.grad.abs().sum() > 0
+
+
+def test_invalid_smiles_is_named_in_the_error():
+    model = create_model(load_config("tiny").model)
+    with pytest.raises(InvalidMolecule, match="C1CC"):
+        model.encode_molecule(["CCO", "C1CC"])

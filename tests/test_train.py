@@ -1,0 +1,77 @@
+"""The plain training loop learns, writes a loadable model, and the CLI evaluates and embeds with it."""
+
+import json
+from pathlib import Path
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from tmr.cli import main
+from tmr.config import load_config
+from tmr.data import load_splits
+from tmr.model import create_model, from_pretrained
+from tmr.train import evaluate, fit, seed_everything
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, train_root):
+    out = tmp_path_factory.mktemp("run")
+    config = load_config("tiny", [f"data={train_root}", f"output={out}", "train.epochs=6", "train.max_train_pairs=null",
+                                  "train.batch_size=16", "train.lr=1e-3", "train.text_lr=5e-4", "train.warmup_steps=5"])
+    return config, fit(config, progress=False)
+
+
+def test_training_beats_an_untrained_model(trained, train_root):
+    config, result = trained
+    seed_everything(config.train.seed)
+    untrained = evaluate(create_model(config.model), load_splits(train_root), pools=("split",))["split"]
+    best = result["validation"]["split"]
+    for direction in ("text_to_molecule", "molecule_to_text"):
+        print(direction, best[direction]["mrr"], untrained[direction]["mrr"])
+        assert best[direction]["mrr"] > untrained[direction]["mrr"] + 3, (direction, best, untrained)
+    assert result["validation"]["all"]["pool"] == 400  # Text2Mol's pool: every pair of every split
+    assert len(result["history"]) == 6
+
+
+def test_run_directory(trained):
+    config, result = trained
+    out = Path(config.output)
+    assert (out / "curves.png").stat().st_size > 10_000
+    assert json.loads((out / "metrics.json").read_text())["best_epoch"] == result["best_epoch"]
+    assert from_pretrained(out / "best").config == config.model
+
+
+def test_cli_eval_prints_the_metrics_of_the_best_model(trained, train_root, capsys):
+    config, result = trained
+    assert main(["eval", "--model", f"{config.output}/best", "--data", str(train_root), "--split", "validation",
+                 "--pool", "split"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["pool"] == 100
+    assert printed["text_to_molecule"] == pytest.approx(result["validation"]["split"]["text_to_molecule"])
+    assert main(["eval", "--model", f"{config.output}/best", "--data", str(train_root), "--split", "test"]) == 2
+    assert "not in the data root" in capsys.readouterr().err
+
+
+def test_cli_embed_writes_embeddings_with_ids_and_skips_bad_smiles(trained, tmp_path):
+    config, _ = trained
+    library = tmp_path / "library.tsv"
+    library.write_text("id\tsmiles\nethanol\tCCO\nbroken\tC1CC\nbenzene\tc1ccccc1\n")
+    out = tmp_path / "mols.npy"
+    run = subprocess.run([sys.executable, "-m", "tmr.cli", "embed", "--model", f"{config.output}/best", "--input",
+                          str(library), "--kind", "molecule", "--out", str(out)], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    assert "broken" in run.stderr and "C1CC" in run.stderr
+    assert (tmp_path / "mols.ids.txt").read_text().split() == ["ethanol", "benzene"]
+    model = from_pretrained(f"{config.output}/best")
+    assert np.allclose(np.load(out), model.encode_molecule(["CCO", "c1ccccc1"]).numpy(), atol=1e-6)
+    texts = tmp_path / "texts.txt"
+    texts.write_text("The molecule is an alcohol.\n\nThe molecule is an arene.\n")
+    assert main(["embed", "--model", f"{config.output}/best", "--input", str(texts), "--kind", "text",
+                 "--out", str(tmp_path / "texts.npy")]) == 0
+    embedded = np.load(tmp_path / "texts.npy")
+    assert embedded.shape == (2, 64)
+    assert torch.allclose(torch.from_numpy(embedded), model.encode_text(["The molecule is an alcohol.",
+                                                                         "The molecule is an arene."]), atol=1e-6)

@@ -208,7 +208,8 @@ class SharedHead(nn.Module):
 
     def __init__(self, dim: int, norm: str, scale_init: float):
         super().__init__()
-        self.log_scale = nn.Parameter(torch.tensor(float(scale_init)))
+        # shape (1,), not (): DeepSpeed's parameter broadcast cannot view 0-d tensors as bytes
+        self.log_scale = nn.Parameter(torch.tensor([float(scale_init)]))
         self.linear = nn.Linear(dim, dim)
         self.norm = GlobalBatchNorm(dim) if norm == "batch" else nn.LayerNorm(dim)
 
@@ -231,11 +232,16 @@ class TMRModel(nn.Module):
         self.projector = MemoryBankProjector(d, config.projector.memory_size, config.projector.num_heads)
         self.head = SharedHead(d, config.head_norm, config.scale_init)
         # InfoNCE's learnable temperature (CLIP's logit scale); unused, and frozen, with the triplet loss.
-        self.logit_scale = nn.Parameter(torch.tensor(float(np.log(1 / 0.07))))
+        self.logit_scale = nn.Parameter(torch.tensor([float(np.log(1 / 0.07))]))
 
     @property
     def tokenizer(self):
         return self.text_encoder.tokenizer
+
+    @staticmethod
+    def tokenizer_for(config: ModelConfig):
+        """The tokenizer of a config's text encoder, without building the model."""
+        return AutoTokenizer.from_pretrained(resolve_text_model(config.text.name))
 
     def forward_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """-> (unit-norm embedding, mean-pooled token features before the memory bank)."""

@@ -1,0 +1,246 @@
+"""Ray Train + DeepSpeed: data-parallel training whose losses span the global batch.
+
+    train_with_ray(config)           # driver: starts the TorchTrainer, then exports the best model
+      └ train_loop_per_worker(...)   # every worker: a DeepSpeed engine around the TMR model
+
+Each worker holds batch_size / num_workers rows of every global batch; the losses gather the other
+workers' features with autograd (tmr.losses), and DeepSpeed averages gradients, so a step equals
+the one-process step on the whole global batch. CPU: DeepSpeed's `cpu` accelerator over gloo; GPU:
+nccl, optional bf16 and ZeRO.
+
+The WGAN critic stays outside DeepSpeed, in fp32, with its own Adam and all-reduced gradients: it
+is tiny (0.3M parameters), its gradient penalty needs a double backward through inputs, which
+ZeRO's gradient hooks are not built for, and a second engine would buy nothing but a second
+process-group bookkeeping. Its state goes into the same checkpoint.
+
+Checkpoints: every epoch, the DeepSpeed engine state (all ranks), the critic, the history and a
+self-contained model directory (`model/`, rank 0) are reported to Ray Train. A failed worker
+restarts the group from the latest checkpoint (FailureConfig); running again with the same output
+directory resumes a stopped run (Ray Train restores the run from its storage path).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from tmr.config import RunConfig, config_from_dict, dump_config
+
+log = logging.getLogger("tmr.distributed")
+STATE_TAG = "state"  # DeepSpeed checkpoint tag inside every Ray checkpoint
+
+
+def deepspeed_config(config: RunConfig, world_size: int, use_gpu: bool) -> dict:
+    train = config.train
+    return {
+        "train_micro_batch_size_per_gpu": train.batch_size // world_size,
+        "gradient_accumulation_steps": 1,
+        "zero_optimization": {"stage": train.zero_stage},
+        "zero_allow_untested_optimizer": True,  # the client Adam with two learning-rate groups
+        "bf16": {"enabled": bool(train.bf16 and use_gpu)},
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+
+
+def build_engine(config: RunConfig, steps_per_epoch: int, world_size: int, use_gpu: bool):
+    """(engine, critic, critic optimiser) on this worker; DeepSpeed owns the model's optimiser step."""
+    import deepspeed
+
+    from tmr.losses import Discriminator
+    from tmr.model import create_model
+    from tmr.train import parameter_groups, warmup_linear
+
+    model = create_model(config.model)
+    model.logit_scale.requires_grad_(config.loss.first_order == "infonce")
+    optimizer = torch.optim.Adam(parameter_groups(model, config.train))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, warmup_linear(config.train.warmup_steps, config.train.epochs * steps_per_epoch))
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+                                           config=deepspeed_config(config, world_size, use_gpu),
+                                           dist_init_required=False)
+    critic = Discriminator(config.model.embed_dim).to(engine.device)
+    critic_optimizer = torch.optim.Adam(critic.parameters(), lr=config.loss.discriminator_lr, betas=(0.5, 0.9))
+    return engine, critic, critic_optimizer
+
+
+def load_splits_once_per_node(config: RunConfig, local_rank: int):
+    """Local rank 0 featurises and caches; the others read its cache (no two writers per node)."""
+    from tmr.data import load_splits, resolve_data_root
+
+    root = resolve_data_root(config.data)
+    if local_rank == 0:
+        splits = load_splits(root, max_train_pairs=config.train.max_train_pairs, seed=config.train.seed)
+    dist.barrier()
+    if local_rank != 0:
+        splits = load_splits(root, max_train_pairs=config.train.max_train_pairs, seed=config.train.seed)
+    return splits
+
+
+def train_loop_per_worker(loop_config: dict) -> None:
+    """Ray Train worker: train `loop_config["run"]` for its epochs, reporting every epoch."""
+    import ray.train
+
+    from tmr.data import PairCollator
+    from tmr.losses import AlignmentLoss
+    from tmr.train import critic_update, epoch_record, evaluate, make_loader, seed_everything, to_device
+
+    config = config_from_dict(loop_config["run"])
+    context = ray.train.get_context()
+    rank, world_size = context.get_world_rank(), context.get_world_size()
+    use_gpu = torch.cuda.is_available() and config.train.use_gpu
+    torch.set_num_threads(max(1, int(loop_config.get("threads_per_worker", 1))))
+    seed_everything(config.train.seed)
+    splits = load_splits_once_per_node(config, context.get_local_rank())
+
+    from tmr.model import TMRModel
+
+    tokenizer = TMRModel.tokenizer_for(config.model)
+    loader = make_loader(splits.fit, PairCollator(tokenizer, config.model.text.max_length), config.train.batch_size,
+                         shuffle=True, seed=config.train.seed, rank=rank, world_size=world_size)
+    engine, critic, critic_optimizer = build_engine(config, len(loader), world_size, use_gpu)
+    criterion = AlignmentLoss(config.loss)
+
+    start_epoch, history = 1, []
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as directory:
+            _, client_state = engine.load_checkpoint(directory, tag=STATE_TAG)
+            critic_state = torch.load(Path(directory) / "critic.pt", map_location=engine.device, weights_only=True)
+            critic.load_state_dict(critic_state["critic"])
+            critic_optimizer.load_state_dict(critic_state["optimizer"])
+            start_epoch, history = client_state["epoch"] + 1, client_state["history"]
+        if rank == 0:
+            log.info("resumed from the checkpoint of epoch %d", start_epoch - 1)
+
+    crash_at = loop_config.get("crash_once_at_epoch")  # fault drill: see tests/test_ray_train.py
+    for epoch in range(start_epoch, config.train.epochs + 1):
+        if crash_at == epoch and rank == world_size - 1 and not Path(loop_config["crash_marker"]).exists():
+            Path(loop_config["crash_marker"]).touch()
+            raise RuntimeError(f"fault drill: worker {rank} killed at epoch {epoch}")
+        started, losses = time.time(), []
+        loader.sampler.set_epoch(epoch)
+        engine.train()
+        for step, batch in enumerate(loader):
+            outputs = {k: v.float() for k, v in engine(to_device(batch, engine.device)).items()}
+            terms = criterion(outputs, critic, engine.module.logit_scale)
+            engine.backward(terms["loss"])
+            engine.step()
+            if config.loss.adversarial_weight > 0:
+                critic_update(critic, critic_optimizer, outputs, config.loss.gradient_penalty_weight)
+            losses.append(terms["loss"].item())
+            if rank == 0 and config.train.log_every and step % config.train.log_every == 0:
+                log.info("epoch %d step %d/%d: %s", epoch, step, len(loader),
+                         " ".join(f"{k} {v.item():.4f}" for k, v in terms.items()))
+        mean_loss = torch.tensor(sum(losses) / max(1, len(losses)), device=engine.device)
+        dist.all_reduce(mean_loss)
+        train_seconds = time.time() - started
+        if rank == 0:
+            metrics = evaluate(engine.module, splits, pools=("split",))
+            record = epoch_record(epoch, [mean_loss.item() / world_size], metrics, time.time() - started)
+            record["train_seconds"] = train_seconds
+            record["samples_per_second"] = len(loader) * config.train.batch_size / train_seconds
+            history.append(record)
+            log.info("epoch %d: loss %.4f, val MRR t2m %.2f m2t %.2f (%.0fs)", epoch, record["train_loss"],
+                     record["val_mrr_t2m"], record["val_mrr_m2t"], record["seconds"])
+        report_checkpoint(engine, critic, critic_optimizer, epoch, history, rank)
+    dist.barrier()
+
+
+def report_checkpoint(engine, critic, critic_optimizer, epoch: int, history: list[dict], rank: int) -> None:
+    """Every rank writes its DeepSpeed shards; rank 0 adds the critic, the history and `model/`."""
+    import ray.train
+    from ray.train import Checkpoint
+
+    with tempfile.TemporaryDirectory() as directory:
+        engine.save_checkpoint(directory, tag=STATE_TAG, client_state={"epoch": epoch, "history": history})
+        if rank == 0:
+            torch.save({"critic": critic.state_dict(), "optimizer": critic_optimizer.state_dict()},
+                       Path(directory) / "critic.pt")
+            engine.module.save_pretrained(Path(directory) / "model")
+            (Path(directory) / "history.json").write_text(json.dumps(history, indent=2))
+        metrics = dict(history[-1]) if rank == 0 else {}
+        metrics["epoch"] = epoch
+        ray.train.report(metrics, checkpoint=Checkpoint.from_directory(directory))
+
+
+def _evaluate_best(model_dir: str, config_dict: dict) -> dict:
+    """Validation (both pools) and, when present, test metrics of the exported best model."""
+    from tmr.data import load_splits, resolve_data_root
+    from tmr.model import from_pretrained
+    from tmr.train import evaluate
+
+    config = config_from_dict(config_dict)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = from_pretrained(model_dir).to(device)
+    splits = load_splits(resolve_data_root(config.data), max_train_pairs=config.train.max_train_pairs,
+                         seed=config.train.seed)
+    result = {"validation": evaluate(model, splits)}
+    if splits.test is not None:
+        result["test"] = evaluate(model, splits, "test")
+    return result
+
+
+def train_with_ray(config: RunConfig, threads_per_worker: int | None = None, crash_once_at_epoch: int | None = None,
+                   max_failures: int = 3) -> dict:
+    """Driver: run the TorchTrainer, export the best epoch to output/best, write metrics.json and curves.png."""
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig as RayRunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from tmr.data import load_splits, resolve_data_root
+    from tmr.train import plot_history
+
+    out = Path(config.output).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    config.data = str(resolve_data_root(config.data))  # resolved once, so every worker reads the same root
+    dump_config(config, out / "config.json")
+    load_splits(config.data, max_train_pairs=config.train.max_train_pairs, seed=config.train.seed)  # cache
+    train = config.train
+    if threads_per_worker is None:
+        cpus = int(ray.cluster_resources().get("CPU", 1)) if ray.is_initialized() else (os.cpu_count() or 1)
+        threads_per_worker = max(1, cpus // train.num_workers)
+    env = {"DS_ACCELERATOR": "cuda" if train.use_gpu else "cpu", "OMP_NUM_THREADS": str(threads_per_worker)}
+    loop_config = {"run": config.to_dict(), "threads_per_worker": threads_per_worker}
+    if crash_once_at_epoch is not None:
+        loop_config.update(crash_once_at_epoch=crash_once_at_epoch, crash_marker=str(out / ".crash_drill_done"))
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=loop_config,
+        torch_config=TorchConfig(backend="nccl" if train.use_gpu else "gloo"),
+        scaling_config=ScalingConfig(num_workers=train.num_workers, use_gpu=train.use_gpu,
+                                     resources_per_worker={"CPU": threads_per_worker}),
+        run_config=RayRunConfig(
+            name="ray_train", storage_path=str(out),
+            checkpoint_config=CheckpointConfig(num_to_keep=2, checkpoint_score_attribute="val_mrr",
+                                               checkpoint_score_order="max"),
+            failure_config=FailureConfig(max_failures=max_failures),
+            worker_runtime_env={"env_vars": env},
+        ),
+    )
+    result = trainer.fit()
+    best_checkpoint = result.get_best_checkpoint("val_mrr", "max")
+    with result.checkpoint.as_directory() as directory:  # the latest one holds the whole history
+        history = json.loads((Path(directory) / "history.json").read_text())
+    with best_checkpoint.as_directory() as directory:
+        staging = out / ".best.incoming"
+        shutil.rmtree(staging, ignore_errors=True)
+        shutil.copytree(Path(directory) / "model", staging)
+    if (out / "best").exists():
+        shutil.rmtree(out / "best")
+    staging.rename(out / "best")
+    evaluate_remote = ray.remote(num_cpus=1, num_gpus=1 if train.use_gpu else 0)(_evaluate_best)
+    final = ray.get(evaluate_remote.remote(str(out / "best"), config.to_dict()))
+    metrics = {"history": history, "best_epoch": max(history, key=lambda h: h["val_mrr"])["epoch"],
+               "num_workers": train.num_workers, **final}
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    plot_history(history, out / "curves.png")
+    return metrics

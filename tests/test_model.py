@@ -72,3 +72,19 @@ def test_invalid_smiles_is_named_in_the_error():
     model = create_model(load_config("tiny").model)
     with pytest.raises(InvalidMolecule, match="C1CC"):
         model.encode_molecule(["CCO", "C1CC"])
+
+
+def test_cached_text_states_match_the_full_text_path(small_root):
+    from tmr.data import MoleculeTextDataset
+    from tmr.train import embed_pairs
+
+    model = create_model(load_config("tiny", ["model.text.trainable_layers=0"]).model)
+    dataset = MoleculeTextDataset(small_root / "validation.txt", progress=False)
+    states = model.text_encoder.backbone_states(dataset.texts, model.config.text.max_length)
+    assert len(states) == len(set(dataset.texts)) and next(iter(states.values())).dtype == torch.float16
+    full_text, full_molecule = embed_pairs(model, dataset)
+    cached_text, cached_molecule = embed_pairs(model, dataset, text_states=states)
+    assert torch.equal(full_molecule, cached_molecule)
+    assert torch.allclose(full_text, cached_text, atol=5e-3)  # fp16 cache
+    with pytest.raises(ValueError, match="frozen"):
+        create_model(load_config("tiny").model).text_encoder.backbone_states(["x"], 16)

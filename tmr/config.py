@@ -79,6 +79,7 @@ class TrainConfig:
     zero_stage: int = 0
     bf16: bool = False  # used on GPU only
     max_train_pairs: int | None = None  # subsample the training split (None: all of it)
+    cache_text_states: bool = False  # frozen text backbone (trainable_layers=0): run it once, cache its states
     eval_every: int = 1
     log_every: int = 20
 
@@ -109,14 +110,19 @@ def paper_preset() -> RunConfig:
 
 
 def cpu_preset() -> RunConfig:
-    """What learns ChEBI-20 within an hour on 2 CPU cores: MiniLM with only its top layers trained."""
+    """What learns ChEBI-20 within an hour on 2 CPU cores.
+
+    The MiniLM backbone is frozen and run once per text (its states cached), which makes a step
+    about 7x cheaper than fine-tuning its top two layers; the token projection, the memory bank,
+    the GINE and the shared head are trained.
+    """
     return RunConfig(
         model=ModelConfig(
-            text=TextEncoderConfig(max_length=128, trainable_layers=2),
+            text=TextEncoderConfig(max_length=256, trainable_layers=0),
             molecule=MoleculeEncoderConfig(kind="gine", hidden_dim=300, num_layers=3),
             projector=ProjectorConfig(memory_size=28, num_heads=4),
         ),
-        train=TrainConfig(epochs=8, batch_size=64, lr=5e-4, text_lr=1e-4, warmup_steps=50),
+        train=TrainConfig(epochs=12, batch_size=64, lr=5e-4, text_lr=1e-4, warmup_steps=100, cache_text_states=True),
         output="runs/cpu",
     )
 

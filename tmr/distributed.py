@@ -51,15 +51,13 @@ def deepspeed_config(config: RunConfig, world_size: int, use_gpu: bool) -> dict:
     }
 
 
-def build_engine(config: RunConfig, steps_per_epoch: int, world_size: int, use_gpu: bool):
+def build_engine(model, config: RunConfig, steps_per_epoch: int, world_size: int, use_gpu: bool):
     """(engine, critic, critic optimiser) on this worker; DeepSpeed owns the model's optimiser step."""
     import deepspeed
 
     from tmr.losses import Discriminator
-    from tmr.model import create_model
     from tmr.train import parameter_groups, warmup_linear
 
-    model = create_model(config.model)
     model.logit_scale.requires_grad_(config.loss.first_order == "infonce")
     optimizer = torch.optim.Adam(parameter_groups(model, config.train))
     scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -89,9 +87,10 @@ def train_loop_per_worker(loop_config: dict) -> None:
     """Ray Train worker: train `loop_config["run"]` for its epochs, reporting every epoch."""
     import ray.train
 
-    from tmr.data import PairCollator
     from tmr.losses import AlignmentLoss
-    from tmr.train import critic_update, epoch_record, evaluate, make_loader, seed_everything, to_device
+    from tmr.model import create_model
+    from tmr.train import (critic_update, epoch_record, evaluate, make_collator, make_loader, seed_everything,
+                           to_device)
 
     config = config_from_dict(loop_config["run"])
     context = ray.train.get_context()
@@ -101,12 +100,11 @@ def train_loop_per_worker(loop_config: dict) -> None:
     seed_everything(config.train.seed)
     splits = load_splits_once_per_node(config, context.get_local_rank())
 
-    from tmr.model import TMRModel
-
-    tokenizer = TMRModel.tokenizer_for(config.model)
-    loader = make_loader(splits.fit, PairCollator(tokenizer, config.model.text.max_length), config.train.batch_size,
-                         shuffle=True, seed=config.train.seed, rank=rank, world_size=world_size)
-    engine, critic, critic_optimizer = build_engine(config, len(loader), world_size, use_gpu)
+    model = create_model(config.model)
+    collator = make_collator(model, config, splits, progress=rank == 0)
+    loader = make_loader(splits.fit, collator, config.train.batch_size, shuffle=True, seed=config.train.seed,
+                         rank=rank, world_size=world_size)
+    engine, critic, critic_optimizer = build_engine(model, config, len(loader), world_size, use_gpu)
     criterion = AlignmentLoss(config.loss)
 
     start_epoch, history = 1, []
@@ -144,9 +142,10 @@ def train_loop_per_worker(loop_config: dict) -> None:
         dist.all_reduce(mean_loss)
         train_seconds = time.time() - started
         if rank == 0:
-            metrics = evaluate(engine.module, splits, pools=("split",))
+            metrics = evaluate(engine.module, splits, pools=("split",), text_states=collator.text_states)
             record = epoch_record(epoch, [mean_loss.item() / world_size], metrics, time.time() - started)
             record["train_seconds"] = train_seconds
+            record["resumed_from_epoch"] = start_epoch - 1  # 0: this attempt started from scratch
             record["samples_per_second"] = len(loader) * config.train.batch_size / train_seconds
             history.append(record)
             log.info("epoch %d: loss %.4f, val MRR t2m %.2f m2t %.2f (%.0fs)", epoch, record["train_loss"],

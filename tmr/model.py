@@ -80,9 +80,39 @@ class TextEncoder(nn.Module):
         for layer in list(layers)[len(layers) - trainable_layers:] if trainable_layers else []:
             layer.requires_grad_(True)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        states = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        return self.norm(self.proj(states)), attention_mask.bool()
+    @property
+    def frozen(self) -> bool:
+        return not any(p.requires_grad for p in self.backbone.parameters())
+
+    def forward(self, input_ids: torch.Tensor | None, attention_mask: torch.Tensor,
+                states: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token ids (or, for a frozen backbone, its cached output states) -> token features, mask."""
+        if states is None:
+            states = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        return self.norm(self.proj(states.to(self.proj.weight.dtype))), attention_mask.bool()
+
+    @torch.no_grad()
+    def backbone_states(self, texts: list[str], max_length: int, batch_size: int = 64, progress: bool = False
+                        ) -> dict[str, torch.Tensor]:
+        """text -> its (tokens, hidden) output states in fp16, computed once for a frozen backbone."""
+        if not self.frozen:
+            raise ValueError("caching text states needs a frozen text backbone (model.text.trainable_layers=0)")
+        from tqdm.auto import tqdm
+
+        was_training = self.backbone.training
+        self.backbone.eval()
+        unique, out = sorted(set(texts), key=len), {}
+        device = self.proj.weight.device
+        for start in tqdm(range(0, len(unique), batch_size), desc="caching text states", disable=not progress,
+                          mininterval=5):
+            chunk = unique[start:start + batch_size]
+            tokens = self.tokenizer(chunk, padding=True, truncation=True, max_length=max_length,
+                                    return_tensors="pt").to(device)
+            states = self.backbone(**{k: tokens[k] for k in ("input_ids", "attention_mask")}).last_hidden_state
+            for text, row, mask in zip(chunk, states, tokens["attention_mask"].bool()):
+                out[text] = row[mask].to(torch.float16).cpu()
+        self.backbone.train(was_training)
+        return out
 
 
 class CategoricalEncoder(nn.Module):
@@ -238,14 +268,10 @@ class TMRModel(nn.Module):
     def tokenizer(self):
         return self.text_encoder.tokenizer
 
-    @staticmethod
-    def tokenizer_for(config: ModelConfig):
-        """The tokenizer of a config's text encoder, without building the model."""
-        return AutoTokenizer.from_pretrained(resolve_text_model(config.text.name))
-
-    def forward_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward_text(self, input_ids: torch.Tensor | None, attention_mask: torch.Tensor,
+                     states: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """-> (unit-norm embedding, mean-pooled token features before the memory bank)."""
-        tokens, mask = self.text_encoder(input_ids, attention_mask)
+        tokens, mask = self.text_encoder(input_ids, attention_mask, states)
         return self.head(self.projector(tokens, mask)), masked_mean(tokens, mask)
 
     def forward_molecule(self, graphs: Batch) -> tuple[torch.Tensor, torch.Tensor]:
@@ -253,7 +279,7 @@ class TMRModel(nn.Module):
         return self.head(self.projector(nodes, mask)), masked_mean(nodes, mask)
 
     def forward(self, batch: dict) -> dict[str, torch.Tensor]:
-        text, text_pooled = self.forward_text(batch["input_ids"], batch["attention_mask"])
+        text, text_pooled = self.forward_text(batch.get("input_ids"), batch["attention_mask"], batch.get("text_states"))
         molecule, molecule_pooled = self.forward_molecule(batch["graphs"])
         return {"text": text, "molecule": molecule, "text_pooled": text_pooled, "molecule_pooled": molecule_pooled}
 

@@ -87,31 +87,55 @@ def critic_update(discriminator: Discriminator, optimizer: torch.optim.Optimizer
     return {k: v.item() for k, v in terms.items()}
 
 
+def make_collator(model: TMRModel, config: RunConfig, splits: Splits, progress: bool = True) -> PairCollator:
+    """Tokenising collator; with train.cache_text_states, one that serves the frozen backbone's cached
+    states (of the fit and select texts: per-epoch validation reads them too)."""
+    states = None
+    if config.train.cache_text_states:
+        texts = [d[i].text for d in (splits.fit, splits.select) for i in range(len(d))]
+        states = model.text_encoder.backbone_states(texts, config.model.text.max_length, progress=progress)
+    return PairCollator(model.tokenizer, config.model.text.max_length, states)
+
+
 def to_device(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device) for k, v in batch.items()}
 
 
 @torch.no_grad()
-def embed_pairs(model: TMRModel, dataset: Dataset, progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """(text, molecule) embeddings of every pair of a dataset, in order."""
+def embed_pairs(model: TMRModel, dataset: Dataset, progress: bool = False,
+                text_states: dict[str, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(text, molecule) embeddings of every pair of a dataset, in order.
+
+    With `text_states` (a frozen backbone's cached states, see PairCollator) the backbone is skipped:
+    the same numbers up to the cache's fp16 rounding, without re-running the transformer every epoch.
+    """
     items = [dataset[i] for i in range(len(dataset))]
     texts = [item.text for item in items]
-    text = torch.cat([model.encode_text(texts[s:s + 256]) for s in
-                      tqdm(range(0, len(texts), 256), desc="embedding texts", disable=not progress, leave=False)])
+    if text_states is not None and all(t in text_states for t in texts):
+        model.eval()
+        collate = PairCollator(model.tokenizer, model.config.text.max_length, text_states)
+        chunks = []
+        for start in range(0, len(items), 256):
+            batch = to_device(collate(items[start:start + 256]), model.device)
+            chunks.append(model.forward_text(None, batch["attention_mask"], batch["text_states"])[0].float().cpu())
+        text = torch.cat(chunks)
+    else:
+        text = torch.cat([model.encode_text(texts[s:s + 256]) for s in
+                          tqdm(range(0, len(texts), 256), desc="embedding texts", disable=not progress, leave=False)])
     molecule = model.encode_graphs(items)
     return text, molecule
 
 
 def evaluate(model: TMRModel, splits: Splits, which: str = "select", pools: tuple[str, ...] = ("split", "all"),
-             progress: bool = False) -> dict:
+             progress: bool = False, text_states: dict[str, torch.Tensor] | None = None) -> dict:
     """Metrics of one split ("select" or "test") for each requested pool."""
     dataset, positions = (splits.select, splits.select_positions) if which == "select" else (splits.test, splits.test_positions)
     if "all" in pools:
-        embedded = [embed_pairs(model, d, progress) for d in splits.pool]
+        embedded = [embed_pairs(model, d, progress, text_states) for d in splits.pool]
         text, molecule = torch.cat([t for t, _ in embedded]), torch.cat([m for _, m in embedded])
         out = {pool: retrieval_metrics(text, molecule, positions, pool) for pool in pools}
     else:
-        text, molecule = embed_pairs(model, dataset, progress)
+        text, molecule = embed_pairs(model, dataset, progress, text_states)
         out = {"split": retrieval_metrics(text, molecule, None, "all")}
     return {"data": splits.label, "split": which, **out}
 
@@ -155,8 +179,8 @@ def fit(config: RunConfig, progress: bool = True) -> dict:
     criterion = AlignmentLoss(config.loss)
     discriminator = Discriminator(config.model.embed_dim)
     d_opt = torch.optim.Adam(discriminator.parameters(), lr=config.loss.discriminator_lr, betas=(0.5, 0.9))
-    loader = make_loader(splits.fit, PairCollator(model.tokenizer, config.model.text.max_length), train.batch_size,
-                         shuffle=True, seed=train.seed)
+    collator = make_collator(model, config, splits, progress)
+    loader = make_loader(splits.fit, collator, train.batch_size, shuffle=True, seed=train.seed)
     optimizer = torch.optim.Adam(parameter_groups(model, train))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_linear(train.warmup_steps, train.epochs * len(loader)))
     history, best = [], -1.0
@@ -174,7 +198,8 @@ def fit(config: RunConfig, progress: bool = True) -> dict:
             if config.loss.adversarial_weight > 0:
                 critic_update(discriminator, d_opt, outputs, config.loss.gradient_penalty_weight)
             losses.append(terms["loss"].item())
-        record = epoch_record(epoch, losses, evaluate(model, splits, pools=("split",)), time.time() - started)
+        metrics = evaluate(model, splits, pools=("split",), text_states=collator.text_states)
+        record = epoch_record(epoch, losses, metrics, time.time() - started)
         history.append(record)
         log.info("epoch %d: loss %.4f, val MRR t2m %.2f m2t %.2f", epoch, record["train_loss"],
                  record["val_mrr_t2m"], record["val_mrr_m2t"])

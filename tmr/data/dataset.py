@@ -82,14 +82,25 @@ class MoleculeTextDataset(InMemoryDataset):
 
 
 class PairCollator:
-    """List of graphs -> {"graphs": Batch, "input_ids", "attention_mask"} (text i pairs graph i)."""
+    """List of graphs -> {"graphs": Batch, "input_ids", "attention_mask"} (text i pairs graph i).
 
-    def __init__(self, tokenizer, max_length: int):
-        self.tokenizer, self.max_length = tokenizer, max_length
+    Given `text_states` (text -> cached output states of a frozen text backbone), batches carry
+    the padded states instead of token ids, and the backbone is skipped in training.
+    """
+
+    def __init__(self, tokenizer, max_length: int, text_states: dict[str, torch.Tensor] | None = None):
+        self.tokenizer, self.max_length, self.text_states = tokenizer, max_length, text_states
 
     def __call__(self, items: list) -> dict:
-        tokens = self.tokenize([item.text for item in items])
-        return {"graphs": Batch.from_data_list(items), **tokens}
+        texts = [item.text for item in items]
+        if self.text_states is None:
+            return {"graphs": Batch.from_data_list(items), **self.tokenize(texts)}
+        states = [self.text_states[text] for text in texts]
+        padded = torch.nn.utils.rnn.pad_sequence(states, batch_first=True)
+        mask = torch.zeros(padded.shape[:2], dtype=torch.long)
+        for row, state in enumerate(states):
+            mask[row, :len(state)] = 1
+        return {"graphs": Batch.from_data_list(items), "text_states": padded, "attention_mask": mask}
 
     def tokenize(self, texts: list[str]) -> dict:
         out = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt")

@@ -1,0 +1,100 @@
+"""Ray Train + DeepSpeed on CPU: 2 workers equal 1 process, a killed worker resumes, re-runs resume."""
+
+import json
+import sys
+
+import pytest
+import ray
+import torch
+
+from tmr.config import load_config
+from tmr.distributed import train_with_ray
+from tmr.model import from_pretrained
+
+GLOBAL_BATCH = 16
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    ray.init(num_cpus=2, object_store_memory=200 * 1024**2, include_dashboard=False)
+    # the worker functions below live in this test module, which Ray workers cannot import
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    yield
+    ray.shutdown()
+
+
+def fixed_batch_step(loop_config: dict) -> None:
+    """One DeepSpeed step's loss and (all-reduced) gradients on this worker's share of a fixed batch."""
+    import ray.train
+    import torch.distributed as dist
+    from torch_geometric.data import Batch
+
+    from tmr.data import MoleculeTextDataset, PairCollator
+    from tmr.distributed import build_engine
+    from tmr.losses import AlignmentLoss
+    from tmr.model import create_model
+
+    config = load_config("tiny", loop_config["overrides"])
+    rank, world = ray.train.get_context().get_world_rank(), ray.train.get_context().get_world_size()
+    torch.manual_seed(0)
+    model = create_model(config.model).double()
+    engine, critic, _ = build_engine(model, config, steps_per_epoch=1, world_size=world, use_gpu=False)
+    torch.manual_seed(1)
+    critic.double()
+    items = [MoleculeTextDataset(loop_config["path"], progress=False)[i] for i in range(GLOBAL_BATCH)]
+    batch = PairCollator(model.tokenizer, config.model.text.max_length)(items)
+    rows = slice(rank * GLOBAL_BATCH // world, (rank + 1) * GLOBAL_BATCH // world)
+    local = {"graphs": Batch.from_data_list(items[rows]), "input_ids": batch["input_ids"][rows],
+             "attention_mask": batch["attention_mask"][rows]}
+    engine.train()
+    terms = AlignmentLoss(config.loss)(engine(local), critic, engine.module.logit_scale)
+    engine.backward(terms["loss"])  # DeepSpeed all-reduces (averages) the gradients here
+    loss = terms["loss"].detach().clone()
+    dist.all_reduce(loss)
+    grads = {n: p.grad.detach().clone() for n, p in engine.module.named_parameters() if p.grad is not None}
+    if rank == 0:
+        torch.save({"loss": loss / world, "grads": grads}, loop_config["out"])
+
+
+def run_fixed_batch_step(tmp_path, path, workers: int) -> dict:
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    out = tmp_path / f"step_{workers}.pt"
+    TorchTrainer(fixed_batch_step, train_loop_config={"overrides": [], "path": str(path), "out": str(out)},
+                 torch_config=TorchConfig(backend="gloo"),
+                 scaling_config=ScalingConfig(num_workers=workers, resources_per_worker={"CPU": 1}),
+                 run_config=RunConfig(name=f"step{workers}", storage_path=str(tmp_path),
+                                      worker_runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu"}})).fit()
+    return torch.load(out)
+
+
+def test_two_deepspeed_workers_equal_one(local_ray, tmp_path, small_root):
+    path = small_root / "validation.txt"
+    one, two = run_fixed_batch_step(tmp_path, path, 1), run_fixed_batch_step(tmp_path, path, 2)
+    assert torch.allclose(one["loss"], two["loss"], atol=1e-5)
+    assert set(one["grads"]) == set(two["grads"]) and len(one["grads"]) > 20
+    for name, grad in one["grads"].items():
+        assert torch.allclose(two["grads"][name], grad, atol=1e-5, rtol=0), name
+
+
+def test_killed_worker_resumes_from_its_checkpoint_and_reruns_continue(local_ray, tmp_path, train_root):
+    config = load_config("tiny", [f"data={train_root}", f"output={tmp_path / 'run'}", "train.epochs=3",
+                                  "train.num_workers=2", "train.max_train_pairs=64"])
+    metrics = train_with_ray(config, threads_per_worker=1, crash_once_at_epoch=2)
+    assert (tmp_path / "run/.crash_drill_done").exists()  # the drill did kill a worker
+    history = metrics["history"]
+    assert [h["epoch"] for h in history] == [1, 2, 3]
+    assert [h["resumed_from_epoch"] for h in history] == [0, 1, 1]  # epochs 2-3 ran after resuming epoch 1
+    saved = json.loads((tmp_path / "run/metrics.json").read_text())
+    assert saved["best_epoch"] == max(history, key=lambda h: h["val_mrr"])["epoch"]
+    best = from_pretrained(tmp_path / "run/best")
+    assert best.config == config.model
+    embedded = best.encode_molecule(["CCO"])
+    assert embedded.shape == (1, 64) and torch.isfinite(embedded).all()
+    assert (tmp_path / "run/curves.png").exists()
+
+    config.train.epochs = 4  # the same output directory again: only the new epoch runs
+    again = train_with_ray(config, threads_per_worker=1)
+    assert [h["epoch"] for h in again["history"]] == [1, 2, 3, 4]
+    assert again["history"][3]["resumed_from_epoch"] == 3

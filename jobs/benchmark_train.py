@@ -128,7 +128,7 @@ def main() -> None:
     config = load_config(args.config, args.overrides)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    ray.init(num_cpus=args.cpus, object_store_memory=256 * 1024**2, include_dashboard=False)
+    ray.init(address="local", num_cpus=args.cpus, object_store_memory=256 * 1024**2, include_dashboard=False)
     storage = (out.parent / "ray_benchmarks").resolve()
     torch.set_num_threads(args.cpus)
     plain = run_plain(config, args.steps)

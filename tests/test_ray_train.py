@@ -16,7 +16,7 @@ GLOBAL_BATCH = 16
 
 @pytest.fixture(scope="module")
 def local_ray():
-    ray.init(num_cpus=2, object_store_memory=200 * 1024**2, include_dashboard=False)
+    ray.init(address="local", num_cpus=2, object_store_memory=200 * 1024**2, include_dashboard=False)
     # the worker functions below live in this test module, which Ray workers cannot import
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
     yield

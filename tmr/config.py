@@ -122,7 +122,7 @@ def cpu_preset() -> RunConfig:
             molecule=MoleculeEncoderConfig(kind="gine", hidden_dim=300, num_layers=3),
             projector=ProjectorConfig(memory_size=28, num_heads=4),
         ),
-        train=TrainConfig(epochs=12, batch_size=64, lr=5e-4, text_lr=1e-4, warmup_steps=100, cache_text_states=True),
+        train=TrainConfig(epochs=12, batch_size=64, lr=2e-3, text_lr=1e-4, warmup_steps=100, cache_text_states=True),
         output="runs/cpu",
     )
 

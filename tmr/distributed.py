@@ -175,16 +175,17 @@ def _evaluate_best(model_dir: str, config_dict: dict) -> dict:
     """Validation (both pools) and, when present, test metrics of the exported best model."""
     from tmr.data import load_splits, resolve_data_root
     from tmr.model import from_pretrained
-    from tmr.train import evaluate
+    from tmr.train import evaluate, make_collator
 
     config = config_from_dict(config_dict)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = from_pretrained(model_dir).to(device)
     splits = load_splits(resolve_data_root(config.data), max_train_pairs=config.train.max_train_pairs,
                          seed=config.train.seed)
-    result = {"validation": evaluate(model, splits)}
+    states = make_collator(model, config, splits, progress=False).text_states  # on disk since training
+    result = {"validation": evaluate(model, splits, text_states=states)}
     if splits.test is not None:
-        result["test"] = evaluate(model, splits, "test")
+        result["test"] = evaluate(model, splits, "test", text_states=states)
     return result
 
 

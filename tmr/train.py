@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import random
 import time
 from pathlib import Path
@@ -89,12 +90,44 @@ def critic_update(discriminator: Discriminator, optimizer: torch.optim.Optimizer
 
 def make_collator(model: TMRModel, config: RunConfig, splits: Splits, progress: bool = True) -> PairCollator:
     """Tokenising collator; with train.cache_text_states, one that serves the frozen backbone's cached
-    states (of the fit and select texts: per-epoch validation reads them too)."""
+    states (of every text of the pool: validation and the final evaluation read them too)."""
     states = None
     if config.train.cache_text_states:
-        texts = [d[i].text for d in (splits.fit, splits.select) for i in range(len(d))]
-        states = model.text_encoder.backbone_states(texts, config.model.text.max_length, progress=progress)
+        texts = [text for d in splits.pool for text in d.texts]
+        states = cached_backbone_states(model, texts, config.model.text.max_length, progress)
     return PairCollator(model.tokenizer, config.model.text.max_length, states)
+
+
+def cached_backbone_states(model: TMRModel, texts: list[str], max_length: int, progress: bool = True
+                           ) -> dict[str, torch.Tensor]:
+    """A frozen backbone's states of `texts`, kept on disk (~/.cache/tmr/text_states) across runs.
+
+    Keyed by the texts, max_length and a fingerprint of the backbone's weights, so a different
+    model or text set never reads a stale file; written atomically.
+    """
+    import hashlib
+
+    import safetensors.torch
+
+    from tmr.data.sources import CACHE
+
+    unique = sorted(set(texts))
+    digest = hashlib.sha256()
+    for text in unique:
+        digest.update(text.encode() + b"\0")
+    weights = next(model.text_encoder.backbone.parameters())
+    digest.update(f"{max_length}:{model.config.text.name}:{weights.double().sum().item():.10e}".encode())
+    path = CACHE / "text_states" / f"{digest.hexdigest()[:24]}.safetensors"
+    if path.exists():
+        stored = safetensors.torch.load_file(path)
+        return dict(zip(unique, torch.split(stored["states"], stored["lengths"].tolist())))
+    states = model.text_encoder.backbone_states(unique, max_length, progress=progress)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_suffix(f".{os.getpid()}.part")
+    safetensors.torch.save_file({"states": torch.cat([states[t] for t in unique]),
+                                 "lengths": torch.tensor([len(states[t]) for t in unique])}, partial)
+    partial.replace(path)
+    return states
 
 
 def to_device(batch: dict, device: torch.device) -> dict:
@@ -166,8 +199,11 @@ def epoch_record(epoch: int, losses: list[float], metrics: dict, seconds: float)
             "val_mrr": (split["text_to_molecule"]["mrr"] + split["molecule_to_text"]["mrr"]) / 2}
 
 
-def fit(config: RunConfig, progress: bool = True) -> dict:
-    """Plain one-process training: returns (and writes) the run's metrics; best model in output/best."""
+def fit(config: RunConfig, progress: bool = True, on_epoch=None) -> dict:
+    """Plain one-process training: returns (and writes) the run's metrics; best model in output/best.
+
+    `on_epoch(record, improved)` is called after every epoch (Ray Tune trials report through it).
+    """
     train = config.train
     seed_everything(train.seed)
     out = Path(config.output)
@@ -203,14 +239,17 @@ def fit(config: RunConfig, progress: bool = True) -> dict:
         history.append(record)
         log.info("epoch %d: loss %.4f, val MRR t2m %.2f m2t %.2f", epoch, record["train_loss"],
                  record["val_mrr_t2m"], record["val_mrr_m2t"])
-        if record["val_mrr"] > best:
+        improved = record["val_mrr"] > best
+        if improved:
             best = record["val_mrr"]
             model.save_pretrained(out / "best")
+        if on_epoch is not None:
+            on_epoch(record, improved)
     best_model = TMRModel.from_pretrained(out / "best")
     result = {"history": history, "best_epoch": max(history, key=lambda h: h["val_mrr"])["epoch"],
-              "validation": evaluate(best_model, splits, progress=progress)}
+              "validation": evaluate(best_model, splits, progress=progress, text_states=collator.text_states)}
     if splits.test is not None:
-        result["test"] = evaluate(best_model, splits, "test", progress=progress)
+        result["test"] = evaluate(best_model, splits, "test", progress=progress, text_states=collator.text_states)
     (out / "metrics.json").write_text(json.dumps(result, indent=2))
     plot_history(history, out / "curves.png")
     return result

@@ -132,7 +132,9 @@ def load_splits(root: str | Path, cache_dir: str | Path | None = None, max_train
                 seed: int = 42) -> Splits:
     files = available_splits(Path(root))
     if "validation" not in files:
-        raise FileNotFoundError(f"{root}: no validation.txt; tmr selects models on validation")
+        raise FileNotFoundError(f"{root}: no validation.txt (tmr selects models on validation); give the data root "
+                                "with --data or $TMR_DATA (a `ray job submit --working-dir` copy of the code does "
+                                "not see ../shared beside the checkout)")
     loaded = {name: MoleculeTextDataset(path, cache_dir) for name, path in files.items()}
     pool = [loaded[name] for name in ("train", "validation", "test") if name in loaded]
     offset = dict(zip([n for n in ("train", "validation", "test") if n in loaded], _offsets(pool)))

@@ -1,0 +1,130 @@
+"""The Serve app over HTTP on a local Ray: answers equal the library's brute-force search, a sharded
+index answers as the unsharded one, and every client mistake gets its 4xx with the reason."""
+
+import socket
+
+import httpx
+import numpy as np
+import pytest
+import ray
+from ray import serve
+
+from tmr.config import load_config
+from tmr.index import embed_rows, read_library, write_index
+from tmr.model import create_model, from_pretrained
+
+QUERY = "The molecule is a monocarboxylic acid anion obtained by deprotonation of the carboxy group."
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory, small_root):
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from serve.app import build_app
+
+    root = tmp_path_factory.mktemp("serve")
+    create_model(load_config("tiny").model).save_pretrained(root / "model")
+    library = small_root / "validation.txt"
+    for kind in ("molecule", "text"):
+        rows = read_library(library, kind)
+        write_index(root / kind, embed_rows(root / "model", rows, kind, use_ray=False), rows, kind, root / "model")
+    port = free_port()
+    ray.init(address="local", num_cpus=4, object_store_memory=200 * 1024**2, include_dashboard=False,
+             runtime_env={"env_vars": {"PYTHONPATH": str(Path(__file__).resolve().parents[1])}})
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    args = {"model_dir": str(root / "model"), "molecules": str(root / "molecule"), "texts": str(root / "text")}
+    serve.run(build_app(args), name="one", route_prefix="/")
+    serve.run(build_app({**args, "shards": 2}), name="sharded", route_prefix="/sharded")
+    with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as client:
+        yield client, root
+    serve.shutdown()
+    ray.shutdown()
+
+
+def brute_force(query: np.ndarray, embeddings: np.ndarray, k: int) -> list[int]:
+    scores = embeddings @ query
+    return sorted(range(len(scores)), key=lambda i: (-scores[i], i))[:k]
+
+
+def test_text_search_equals_the_library(served):
+    client, root = served
+    model = from_pretrained(root / "model")
+    response = client.post("/search/text", json={"text": QUERY, "k": 10})
+    assert response.status_code == 200, response.text
+    results = response.json()["results"]
+    embeddings = np.load(root / "molecule/embeddings.npy")
+    import pyarrow.parquet as pq
+
+    ids = pq.read_table(root / "molecule/metadata.parquet").column("id").to_pylist()
+    expected = brute_force(model.encode_text([QUERY])[0].numpy(), embeddings, 10)
+    assert [r["id"] for r in results] == [ids[i] for i in expected]
+    assert [r["rank"] for r in results] == list(range(1, 11))
+    assert {"score", "smiles", "inchikey", "name"} <= set(results[0])
+    assert results[0]["score"] == pytest.approx(float(embeddings[expected[0]] @ model.encode_text([QUERY])[0].numpy()), abs=1e-4)
+
+
+def test_molecule_search_and_describe_equal_the_library(served):
+    client, root = served
+    model = from_pretrained(root / "model")
+    import pyarrow.parquet as pq
+
+    query = model.encode_molecule(["OC(=O)CCc1ccccc1"])[0].numpy()
+    answer = client.post("/search/molecule", json={"smiles": "OC(=O)CCc1ccccc1", "k": 5})
+    assert answer.status_code == 200, answer.text
+    response = answer.json()
+    ids = pq.read_table(root / "molecule/metadata.parquet").column("id").to_pylist()
+    assert [r["id"] for r in response["results"]] == [ids[i] for i in brute_force(query, np.load(root / "molecule/embeddings.npy"), 5)]
+    assert response["query"] == "O=C(O)CCc1ccccc1" and all(0 <= r["tanimoto"] <= 1 for r in response["results"])
+    described = client.post("/describe", json={"smiles": "OC(=O)CCc1ccccc1", "k": 3}).json()["results"]
+    text_ids = pq.read_table(root / "text/metadata.parquet").column("id").to_pylist()
+    assert [r["id"] for r in described] == [text_ids[i] for i in brute_force(query, np.load(root / "text/embeddings.npy"), 3)]
+    assert all(r["text"] for r in described)
+
+
+def test_sharded_index_answers_as_the_unsharded_one(served):
+    client, _ = served
+    for path, body in (("/search/text", {"text": QUERY, "k": 25}), ("/describe", {"smiles": "CCO", "k": 7})):
+        one, two = client.post(path, json=body).json(), client.post(f"/sharded{path}", json=body).json()
+        assert [r["id"] for r in one["results"]] == [r["id"] for r in two["results"]]
+        assert [r["score"] for r in one["results"]] == pytest.approx([r["score"] for r in two["results"]], abs=1e-6)
+
+
+@pytest.mark.parametrize("path, body, status, reason", [
+    ("/search/molecule", {"smiles": "C1CC", "k": 5}, 422, "C1CC"),
+    ("/describe", {"smiles": "not a molecule"}, 422, "not a molecule"),
+    ("/search/text", {"text": "   "}, 422, "empty"),
+    ("/search/text", {"text": "x" * 4001}, 422, "4000"),
+    ("/search/text", {"text": QUERY, "k": 0}, 422, "greater than or equal to 1"),
+    ("/search/text", {"text": QUERY, "k": 1001}, 422, "less than or equal to 1000"),
+    ("/search/text", {"k": 3}, 422, "text"),
+    ("/search/text", {"text": 5}, 422, "string"),
+    ("/embed", {"smiles": ["CCO", "C1CC"]}, 422, "C1CC"),
+    ("/embed", {}, 422, "texts or smiles"),
+    ("/embed", {"texts": ["ok", " "]}, 422, "empty"),
+    ("/search/text", {"text": "y" * 70000}, 413, "at most"),
+])
+def test_client_mistakes_get_4xx_with_the_reason(served, path, body, status, reason):
+    client, _ = served
+    response = client.post(path, json=body)
+    assert response.status_code == status, response.text
+    assert reason in response.text
+
+
+def test_malformed_json_health_info_and_embed(served):
+    client, root = served
+    assert client.post("/search/text", content=b"{not json", headers={"content-type": "application/json"}).status_code == 422
+    assert client.get("/health").json() == {"status": "ok"}
+    info = client.get("/info").json()
+    assert info["molecules"]["count"] == 120 and info["texts"] == 120 and info["dim"] == 64
+    embedded = client.post("/embed", json={"texts": [QUERY], "smiles": ["CCO"]}).json()
+    model = from_pretrained(root / "model")
+    assert np.allclose(embedded["texts"][0], model.encode_text([QUERY])[0].numpy(), atol=1e-5)
+    assert np.allclose(embedded["smiles"][0], model.encode_molecule(["CCO"])[0].numpy(), atol=1e-5)

@@ -1,0 +1,179 @@
+"""Ray Tune + Optuna sweep over memory size and loss weights, ASHA early stopping, best model out.
+
+    python tune/sweep.py --space tune/space_cpu.yaml                    # a fresh sweep (or --trials N)
+    python tune/sweep.py --space tune/space_cpu.yaml --resume           # continue an interrupted one
+    ray job submit --address http://127.0.0.1:8265 --working-dir . -- python tune/sweep.py --space tune/space_cpu.yaml
+
+Each trial runs tmr's one-process training loop (one worker per trial: right for small clusters)
+and reports every epoch; Optuna's TPE proposes, ASHA stops weak trials at its rungs. Out, under
+--out: trials.csv / trials.json (params, best val MRR, epochs run, seconds), sweep.png, and
+best_model/ (the best trial's best epoch, a model directory serve/ can load) with its config.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import ray
+import yaml
+from ray import tune
+
+from tmr.config import load_config
+from tmr.data import resolve_data_root
+
+DISTRIBUTIONS = {"choice": tune.choice, "uniform": lambda b: tune.uniform(*b), "loguniform": lambda b: tune.loguniform(*b),
+                 "randint": lambda b: tune.randint(*b)}
+
+
+def search_space(spec: dict) -> dict:
+    """YAML {"key.path": {"loguniform": [lo, hi]}} -> Tune's search space (which OptunaSearch converts)."""
+    space = {}
+    for key, dist in spec.items():
+        (kind, bounds), = dist.items()
+        if kind not in DISTRIBUTIONS:
+            raise ValueError(f"{key}: unknown distribution {kind!r}; use one of {sorted(DISTRIBUTIONS)}")
+        space[key] = DISTRIBUTIONS[kind](bounds)
+    return space
+
+
+def run_trial(params: dict, base: str, overrides: list[str], data: str, threads: int, crash_marker: str | None = None
+              ) -> None:
+    """One trial: train with the sampled config, report every epoch, checkpoint the best model directory."""
+    import torch
+
+    from tmr.train import fit
+
+    torch.set_num_threads(threads)
+    config = load_config(base, overrides + [f"{key}={value}" for key, value in params.items()])
+    config.data = data
+    config.output = str(Path(tune.get_context().get_trial_dir()) / "run")
+    if crash_marker and not Path(crash_marker).exists():  # fault drill for the resume test
+        Path(crash_marker).touch()
+        raise RuntimeError("fault drill: trial killed before its first epoch")
+
+    def report(record: dict, improved: bool) -> None:
+        metrics = {k: v for k, v in record.items() if isinstance(v, (int, float))}
+        checkpoint = tune.Checkpoint.from_directory(Path(config.output) / "best") if improved else None
+        tune.report(metrics, checkpoint=checkpoint)
+
+    fit(config, progress=False, on_epoch=report)
+
+
+def trial_table(results, space_keys: list[str]) -> list[dict]:
+    rows = []
+    for result in results:
+        history = result.metrics_dataframe
+        row = {"trial": Path(result.path).name, **{k: result.config.get(k) for k in space_keys}}
+        if history is None or "val_mrr" not in history:
+            rows.append({**row, "best_val_mrr": None, "epochs": 0, "seconds": None, "error": str(result.error)})
+            continue
+        row.update(best_val_mrr=float(history["val_mrr"].max()), epochs=int(history["epoch"].max()),
+                   seconds=float(history["time_total_s"].max()),
+                   curve=[float(v) for v in history["val_mrr"]], error=None if result.error is None else str(result.error))
+        rows.append(row)
+    return sorted(rows, key=lambda r: -(r["best_val_mrr"] or -1))
+
+
+def plot(rows: list[dict], space_keys: list[str], max_epochs: int, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    done = [r for r in rows if r["best_val_mrr"] is not None]
+    fig, axes = plt.subplots(1, len(space_keys) + 1, figsize=(3.2 * (len(space_keys) + 1), 3.2))
+    for ax, key in zip(axes, space_keys):
+        ax.scatter([r[key] for r in done], [r["best_val_mrr"] for r in done],
+                   c=["tab:blue" if r["epochs"] >= max_epochs else "tab:red" for r in done])
+        if key != "model.projector.memory_size" and all(isinstance(r[key], float) for r in done):
+            ax.set_xscale("log")
+        ax.set(xlabel=key.split(".")[-1], ylabel="best val MRR (%)")
+    for r in done:
+        axes[-1].plot(range(1, len(r["curve"]) + 1), r["curve"], color="tab:blue" if r["epochs"] >= max_epochs else "tab:red")
+    axes[-1].set(xlabel="epoch", ylabel="val MRR (%)", title="trials (red: stopped by ASHA)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def sweep(space_file: str, out: str, trials: int | None = None, resume: bool = False, concurrency: int | None = None,
+          crash_marker: str | None = None) -> dict:
+    from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.search.optuna import OptunaSearch
+
+    spec = yaml.safe_load(Path(space_file).read_text())
+    metric, base, overrides = spec.get("metric", "val_mrr"), spec.get("base", "cpu"), list(spec.get("overrides", []))
+    max_epochs = load_config(base, overrides).train.epochs
+    data = str(resolve_data_root(spec.get("data")))
+    threads = int(spec.get("cpus_per_trial", 1))
+    out_dir = Path(out).resolve()
+    trainable = tune.with_resources(
+        tune.with_parameters(run_trial, base=base, overrides=overrides, data=data, threads=threads,
+                             crash_marker=crash_marker), {"cpu": threads})
+    experiment = out_dir / "tune"
+    if resume and tune.Tuner.can_restore(str(experiment)):
+        tuner = tune.Tuner.restore(str(experiment), trainable, resume_unfinished=True, restart_errored=True)
+    else:
+        cpus = int(ray.cluster_resources().get("CPU", 1))
+        tuner = tune.Tuner(
+            trainable,
+            param_space=search_space(spec["space"]),
+            tune_config=tune.TuneConfig(
+                metric=metric, mode="max", num_samples=trials or spec.get("trials", 8),
+                search_alg=OptunaSearch(seed=spec.get("seed", 0)),
+                scheduler=ASHAScheduler(time_attr="epoch", max_t=max_epochs, **spec.get("asha", {})),
+                max_concurrent_trials=concurrency or max(1, cpus // threads)),
+            run_config=tune.RunConfig(name="tune", storage_path=str(out_dir),
+                                      checkpoint_config=tune.CheckpointConfig(num_to_keep=1)),
+        )
+    results = tuner.fit()
+    keys = list(spec["space"])
+    rows = trial_table(results, keys)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "trials.json").write_text(json.dumps(rows, indent=2))
+    import csv
+
+    with open(out_dir / "trials.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=["trial", *keys, "best_val_mrr", "epochs", "seconds", "error"],
+                                extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    plot(rows, keys, max_epochs, out_dir / "sweep.png")
+    best = results.get_best_result(metric=metric, mode="max", scope="all")
+    checkpoint = best.get_best_checkpoint(metric, "max")
+    staging = out_dir / ".best_model.incoming"
+    shutil.rmtree(staging, ignore_errors=True)
+    checkpoint.to_directory(str(staging))
+    if (out_dir / "best_model").exists():
+        shutil.rmtree(out_dir / "best_model")
+    staging.rename(out_dir / "best_model")
+    summary = {"best_trial": Path(best.path).name, "best_val_mrr": rows[0]["best_val_mrr"],
+               "best_params": {k: best.config[k] for k in keys}, "base": base, "overrides": overrides,
+               "trials": len(rows), "stopped_early": sum(r["epochs"] < max_epochs for r in rows if r["error"] is None),
+               "best_model": str(out_dir / "best_model")}
+    (out_dir / "best_config.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--space", default=str(Path(__file__).with_name("space_cpu.yaml")))
+    parser.add_argument("--trials", type=int, help="number of trials (default: the space file's)")
+    parser.add_argument("--out", default="runs/sweep")
+    parser.add_argument("--resume", action="store_true", help="continue the sweep stored under --out")
+    parser.add_argument("--num-cpus", type=int, default=os.cpu_count())
+    args = parser.parse_args()
+    if "RAY_ADDRESS" in os.environ:
+        ray.init()
+    else:
+        ray.init(address="local", num_cpus=args.num_cpus, object_store_memory=256 * 1024**2, include_dashboard=False)
+    print(json.dumps(sweep(args.space, args.out, args.trials, args.resume), indent=2))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,9 +1,13 @@
 """A tiny Ray Tune + Optuna sweep: ASHA stops trials early, the table and best model are written,
-and an interrupted sweep (a trial killed) continues with Tuner.restore."""
+and a sweep interrupted like a user would (Ctrl-C on its driver) continues with Tuner.restore."""
 
 import csv
 import json
+import os
+import signal
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -12,19 +16,16 @@ import yaml
 
 from tmr.model import from_pretrained
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tune"))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tune"))
 from sweep import sweep  # noqa: E402
 
 
-@pytest.fixture(scope="module")
-def local_ray():
-    ray.init(address="local", num_cpus=2, object_store_memory=200 * 1024**2, include_dashboard=False,
-             runtime_env={"env_vars": {"PYTHONPATH": str(Path(__file__).resolve().parents[1] / "tune")}})
-    yield
-    ray.shutdown()
+def results_reported(out: Path) -> int:
+    return sum(1 for f in (out / "tune").glob("*/result.json") if f.stat().st_size > 0)
 
 
-def test_tiny_sweep_stops_early_writes_results_and_resumes(local_ray, tmp_path, train_root):
+def test_tiny_sweep_is_interrupted_resumed_stops_early_and_writes_results(tmp_path, train_root):
     space = tmp_path / "space.yaml"
     space.write_text(yaml.safe_dump({
         "base": "tiny", "data": str(train_root), "metric": "val_mrr", "trials": 4, "cpus_per_trial": 1,
@@ -33,15 +34,25 @@ def test_tiny_sweep_stops_early_writes_results_and_resumes(local_ray, tmp_path, 
         "space": {"model.projector.memory_size": {"choice": [0, 4, 8]}, "train.lr": {"loguniform": [1e-6, 3e-3]}},
     }))
     out = tmp_path / "sweep"
-    first = sweep(str(space), str(out), crash_marker=str(tmp_path / "crashed"))
-    rows = json.loads((out / "trials.json").read_text())
-    assert len(rows) == 4 and sum(r["error"] is not None for r in rows) == 1  # the drill killed one trial
-    trials = {r["trial"] for r in rows}
+    driver = subprocess.Popen([sys.executable, str(ROOT / "tune/sweep.py"), "--space", str(space), "--out", str(out),
+                               "--num-cpus", "2"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              start_new_session=True)
+    deadline = time.time() + 600
+    while results_reported(out) < 2 and driver.poll() is None and time.time() < deadline:
+        time.sleep(1)
+    assert driver.poll() is None, "the sweep finished before it could be interrupted"
+    os.killpg(driver.pid, signal.SIGINT)  # Ctrl-C: Tune saves the experiment (and the Optuna study) and stops
+    driver.wait(timeout=300)
+    assert not (out / "trials.json").exists()  # it did not get to the end
 
-    resumed = sweep(str(space), str(out), resume=True)
+    ray.init(address="local", num_cpus=2, object_store_memory=200 * 1024**2, include_dashboard=False,
+             runtime_env={"env_vars": {"PYTHONPATH": str(ROOT / "tune")}})
+    try:
+        resumed = sweep(str(space), str(out), resume=True)
+    finally:
+        ray.shutdown()
     rows = json.loads((out / "trials.json").read_text())
-    assert len(rows) == 4 and all(r["error"] is None for r in rows)  # same study, the killed trial re-run
-    assert {r["trial"] for r in rows} == trials
+    assert len(rows) == 4 and all(r["error"] is None for r in rows), rows
     assert resumed["stopped_early"] >= 1  # ASHA cut at least one trial before its 3 epochs
     assert min(r["epochs"] for r in rows) < 3 and max(r["epochs"] for r in rows) == 3
     with open(out / "trials.csv") as handle:
@@ -51,4 +62,3 @@ def test_tiny_sweep_stops_early_writes_results_and_resumes(local_ray, tmp_path, 
     model = from_pretrained(out / "best_model")
     assert model.config.projector.memory_size == resumed["best_params"]["model.projector.memory_size"]
     assert (out / "sweep.png").stat().st_size > 10_000
-    assert first["trials"] == 4

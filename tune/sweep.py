@@ -41,8 +41,7 @@ def search_space(spec: dict) -> dict:
     return space
 
 
-def run_trial(params: dict, base: str, overrides: list[str], data: str, threads: int, crash_marker: str | None = None
-              ) -> None:
+def run_trial(params: dict, base: str, overrides: list[str], data: str, threads: int) -> None:
     """One trial: train with the sampled config, report every epoch, checkpoint the best model directory."""
     import torch
 
@@ -52,9 +51,6 @@ def run_trial(params: dict, base: str, overrides: list[str], data: str, threads:
     config = load_config(base, overrides + [f"{key}={value}" for key, value in params.items()])
     config.data = data
     config.output = str(Path(tune.get_context().get_trial_dir()) / "run")
-    if crash_marker and not Path(crash_marker).exists():  # fault drill for the resume test
-        Path(crash_marker).touch()
-        raise RuntimeError("fault drill: trial killed before its first epoch")
 
     def report(record: dict, improved: bool) -> None:
         metrics = {k: v for k, v in record.items() if isinstance(v, (int, float))}
@@ -101,8 +97,8 @@ def plot(rows: list[dict], space_keys: list[str], max_epochs: int, path: Path) -
     plt.close(fig)
 
 
-def sweep(space_file: str, out: str, trials: int | None = None, resume: bool = False, concurrency: int | None = None,
-          crash_marker: str | None = None) -> dict:
+def sweep(space_file: str, out: str, trials: int | None = None, resume: bool = False, concurrency: int | None = None
+          ) -> dict:
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search.optuna import OptunaSearch
 
@@ -113,11 +109,10 @@ def sweep(space_file: str, out: str, trials: int | None = None, resume: bool = F
     threads = int(spec.get("cpus_per_trial", 1))
     out_dir = Path(out).resolve()
     trainable = tune.with_resources(
-        tune.with_parameters(run_trial, base=base, overrides=overrides, data=data, threads=threads,
-                             crash_marker=crash_marker), {"cpu": threads})
+        tune.with_parameters(run_trial, base=base, overrides=overrides, data=data, threads=threads), {"cpu": threads})
     experiment = out_dir / "tune"
     if resume and tune.Tuner.can_restore(str(experiment)):
-        tuner = tune.Tuner.restore(str(experiment), trainable, resume_unfinished=True, restart_errored=True)
+        tuner = tune.Tuner.restore(str(experiment), trainable, resume_unfinished=True)
     else:
         cpus = int(ray.cluster_resources().get("CPU", 1))
         tuner = tune.Tuner(

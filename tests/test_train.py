@@ -75,3 +75,11 @@ def test_cli_embed_writes_embeddings_with_ids_and_skips_bad_smiles(trained, tmp_
     assert embedded.shape == (2, 64)
     assert torch.allclose(torch.from_numpy(embedded), model.encode_text(["The molecule is an alcohol.",
                                                                          "The molecule is an arene."]), atol=1e-6)
+
+
+def test_cli_eval_select_matches_the_run(trained, train_root, capsys):
+    config, result = trained
+    assert main(["eval", "--model", f"{config.output}/best", "--data", str(train_root), "--split", "select"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["pool"] == 400 and printed["data"] == "ChEBI-20"
+    assert printed["molecule_to_text"] == pytest.approx(result["validation"]["all"]["molecule_to_text"])

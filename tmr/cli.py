@@ -36,6 +36,8 @@ def _eval(args: argparse.Namespace) -> int:
     from tmr.model import from_pretrained
     from tmr.train import embed_pairs
 
+    if args.split == "select":
+        return _eval_select(args)
     files = available_splits(resolve_data_root(args.data))
     if args.split not in files:
         print(f"tmr eval: split {args.split!r} is not in the data root (present: {sorted(files)})", file=sys.stderr)
@@ -52,6 +54,18 @@ def _eval(args: argparse.Namespace) -> int:
         offset += len(text)
     metrics = retrieval_metrics(torch.cat(texts), torch.cat(molecules), positions, "all")
     print(json.dumps({"split": args.split, **metrics}, indent=2))
+    return 0
+
+
+def _eval_select(args: argparse.Namespace) -> int:
+    """The pairs runs select on: validation, or its provisional held-out 500 without train.txt."""
+    from tmr.data import load_splits, resolve_data_root
+    from tmr.model import from_pretrained
+    from tmr.train import evaluate
+
+    splits = load_splits(resolve_data_root(args.data))
+    metrics = evaluate(from_pretrained(args.model), splits, "select", pools=(args.pool,), progress=True)
+    print(json.dumps({"split": "select", "data": splits.label, **metrics[args.pool]}, indent=2))
     return 0
 
 
@@ -98,7 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev = sub.add_parser("eval", help="retrieval metrics of a model directory on one split")
     ev.add_argument("--model", required=True)
     ev.add_argument("--data")
-    ev.add_argument("--split", default="test", choices=["train", "validation", "test"])
+    ev.add_argument("--split", default="test", choices=["train", "validation", "test", "select"],
+                    help="select: what training selects on (validation, or its provisional held-out part)")
     ev.add_argument("--pool", default="all", choices=["all", "split"],
                     help="all: every pair of every split present (Text2Mol); split: the split alone")
     ev.set_defaults(run=_eval)

@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from tmr.atomic import atomic_directory
 from tmr.config import RunConfig, config_from_dict, dump_config
 
 log = logging.getLogger("tmr.distributed")
@@ -230,13 +231,8 @@ def train_with_ray(config: RunConfig, threads_per_worker: int | None = None, cra
     best_checkpoint = result.get_best_checkpoint("val_mrr", "max")
     with result.checkpoint.as_directory() as directory:  # the latest one holds the whole history
         history = json.loads((Path(directory) / "history.json").read_text())
-    with best_checkpoint.as_directory() as directory:
-        staging = out / ".best.incoming"
-        shutil.rmtree(staging, ignore_errors=True)
-        shutil.copytree(Path(directory) / "model", staging)
-    if (out / "best").exists():
-        shutil.rmtree(out / "best")
-    staging.rename(out / "best")
+    with best_checkpoint.as_directory() as directory, atomic_directory(out / "best") as staging:
+        shutil.copytree(Path(directory) / "model", staging, dirs_exist_ok=True)
     evaluate_remote = ray.remote(num_cpus=1, num_gpus=1 if train.use_gpu else 0)(_evaluate_best)
     final = ray.get(evaluate_remote.remote(str(out / "best"), config.to_dict()))
     metrics = {"history": history, "best_epoch": max(history, key=lambda h: h["val_mrr"])["epoch"],

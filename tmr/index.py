@@ -15,13 +15,13 @@ import hashlib
 import json
 import logging
 import os
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from tmr.atomic import atomic_directory
 
 log = logging.getLogger("tmr.index")
 
@@ -118,9 +118,6 @@ def write_index(out: str | Path, embeddings: np.ndarray, rows: LibraryRows, kind
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     index = build_faiss(embeddings, index_type)
     manifest = {"kind": kind, "model": str(Path(model_dir).resolve()), "model_fingerprint": model_fingerprint(model_dir),
                 "count": int(len(embeddings)), "dim": int(embeddings.shape[1]), "index": index_type, "dtype": dtype,
@@ -128,17 +125,13 @@ def write_index(out: str | Path, embeddings: np.ndarray, rows: LibraryRows, kind
     if index_type != "exact":
         manifest["recall_at_10"] = recall_at_10(index, embeddings)
         log.info("%s index recall@10 against exact search: %.4f", index_type, manifest["recall_at_10"])
-    np.save(staging / "embeddings.npy", embeddings.astype(dtype))
-    pq.write_table(pa.table({"id": rows.ids, "smiles": rows.smiles, "inchikey": rows.inchikeys, "name": rows.names,
-                             "text": rows.texts}), staging / "metadata.parquet")
-    faiss.write_index(index, str(staging / "index.faiss"))
-    (staging / "skipped.json").write_text(json.dumps(rows.skipped))
-    (staging / "manifest.json").write_text(json.dumps(manifest, indent=2))
-    old = out.with_name(f".{out.name}.old")
-    if out.exists():
-        out.rename(old)
-    staging.rename(out)
-    shutil.rmtree(old, ignore_errors=True)
+    with atomic_directory(out) as staging:
+        np.save(staging / "embeddings.npy", embeddings.astype(dtype))
+        pq.write_table(pa.table({"id": rows.ids, "smiles": rows.smiles, "inchikey": rows.inchikeys, "name": rows.names,
+                                 "text": rows.texts}), staging / "metadata.parquet")
+        faiss.write_index(index, str(staging / "index.faiss"))
+        (staging / "skipped.json").write_text(json.dumps(rows.skipped))
+        (staging / "manifest.json").write_text(json.dumps(manifest, indent=2))
     return manifest
 
 

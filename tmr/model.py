@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import shutil
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -31,6 +29,7 @@ from torch_geometric.utils import to_dense_batch
 from torch_geometric.utils.smiles import e_map, x_map
 from transformers import AutoConfig, AutoModel, AutoTokenizer
 
+from tmr.atomic import atomic_directory
 from tmr.config import DEFAULT_TEXT_MODEL, ModelConfig, TextEncoderConfig, config_from_dict
 from tmr.data.featurize import featurize
 
@@ -312,24 +311,17 @@ class TMRModel(nn.Module):
 
     # --- persistence -------------------------------------------------------------------------
     def save_pretrained(self, directory: str | Path) -> Path:
-        """Write config.json, model.safetensors and text_encoder/ atomically (temp dir + rename)."""
-        directory = Path(directory)
-        directory.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+        """Write config.json, model.safetensors and text_encoder/ atomically (tmr.atomic)."""
         meta = {"tmr_model": dataclasses.asdict(self.config)}
         if self.config.molecule.kind == "gcn_mol2vec":
             meta["mol2vec_vocab"] = len(self.molecule_encoder.mol2vec_keys)
-        (staging / "config.json").write_text(json.dumps(meta, indent=2))
-        state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
-        safetensors.torch.save_file(state, staging / "model.safetensors")
-        self.text_encoder.backbone.config.save_pretrained(staging / "text_encoder")
-        self.tokenizer.save_pretrained(staging / "text_encoder")
-        old = directory.with_name(f".{directory.name}.old")
-        if directory.exists():
-            directory.rename(old)
-        staging.rename(directory)
-        shutil.rmtree(old, ignore_errors=True)
-        return directory
+        with atomic_directory(directory) as staging:
+            (staging / "config.json").write_text(json.dumps(meta, indent=2))
+            state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
+            safetensors.torch.save_file(state, staging / "model.safetensors")
+            self.text_encoder.backbone.config.save_pretrained(staging / "text_encoder")
+            self.tokenizer.save_pretrained(staging / "text_encoder")
+        return Path(directory)
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, map_location: str = "cpu") -> TMRModel:

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import sys
 from pathlib import Path
 
@@ -23,6 +22,7 @@ import ray
 import yaml
 from ray import tune
 
+from tmr.atomic import atomic_directory
 from tmr.config import load_config
 from tmr.data import resolve_data_root
 
@@ -141,12 +141,8 @@ def sweep(space_file: str, out: str, trials: int | None = None, resume: bool = F
     plot(rows, keys, max_epochs, out_dir / "sweep.png")
     best = results.get_best_result(metric=metric, mode="max", scope="all")
     checkpoint = best.get_best_checkpoint(metric, "max")
-    staging = out_dir / ".best_model.incoming"
-    shutil.rmtree(staging, ignore_errors=True)
-    checkpoint.to_directory(str(staging))
-    if (out_dir / "best_model").exists():
-        shutil.rmtree(out_dir / "best_model")
-    staging.rename(out_dir / "best_model")
+    with atomic_directory(out_dir / "best_model") as staging:
+        checkpoint.to_directory(str(staging))
     summary = {"best_trial": Path(best.path).name, "best_val_mrr": rows[0]["best_val_mrr"],
                "best_params": {k: best.config[k] for k in keys}, "base": base, "overrides": overrides,
                "trials": len(rows), "stopped_early": sum(r["epochs"] < max_epochs for r in rows if r["error"] is None),

@@ -55,7 +55,7 @@ def main() -> None:
     if "RAY_ADDRESS" in os.environ:
         ray.init()
     else:
-        ray.init(address="local", num_cpus=args.num_cpus, object_store_memory=512 * 1024**2, include_dashboard=False)
+        ray.init(address="local", num_cpus=args.num_cpus, object_store_memory=512 * 1024**2, include_dashboard=True)  # the dashboard serves the state API Ray Train polls
     library = Path(args.library) if args.library else chebi_library(args.data)
     rows = read_library(library, args.kind)
     started = time.time()

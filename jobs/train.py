@@ -42,7 +42,7 @@ def main() -> None:
     if "RAY_ADDRESS" in os.environ:  # under `ray job submit`: join the cluster
         ray.init()
     else:
-        ray.init(address="local", num_cpus=args.num_cpus, object_store_memory=512 * 1024**2, include_dashboard=False)
+        ray.init(address="local", num_cpus=args.num_cpus, object_store_memory=512 * 1024**2, include_dashboard=True)  # the dashboard serves the state API Ray Train polls
     metrics = train_with_ray(config)
     print(json.dumps({"output": config.output, "best_epoch": metrics["best_epoch"],
                       "validation": metrics["validation"]}, indent=2))

@@ -162,7 +162,7 @@ def main() -> None:
     if "RAY_ADDRESS" in os.environ:
         ray.init()
     else:
-        ray.init(address="local", num_cpus=args.num_cpus, object_store_memory=256 * 1024**2, include_dashboard=False)
+        ray.init(address="local", num_cpus=args.num_cpus, object_store_memory=256 * 1024**2, include_dashboard=True)  # the dashboard serves the state API Ray Train polls
     print(json.dumps(sweep(args.space, args.out, args.trials, args.resume), indent=2))
 
 

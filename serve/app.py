@@ -197,7 +197,7 @@ class Ingress:
 
 
 def build_app(args: dict):
-    """`serve run serve.app:app model_dir=... molecules=... [texts=...] [shards=N]`."""
+    """`serve run serve.app:app model_dir=... molecules=... [texts=...] [shards=N] [encoder_max_replicas=N]`."""
     import json
 
     model_dir = args.get("model_dir") or os.environ.get("TMR_MODEL", "runs/cpu/best")
@@ -207,7 +207,10 @@ def build_app(args: dict):
     for path in [model_dir, molecules] + ([texts] if texts else []):
         if not Path(path).exists():
             raise FileNotFoundError(f"{path} does not exist; train a model (jobs/train.py) and index a library (jobs/index.py)")
-    encoder = Encoder.bind(str(Path(model_dir).resolve()))
+    # Replicas beyond the machine's cores only contend for them: bound the autoscaler by `encoder_max_replicas`.
+    encoder = Encoder.options(autoscaling_config={
+        "min_replicas": 1, "max_replicas": int(args.get("encoder_max_replicas", 4)), "target_ongoing_requests": 8,
+    }).bind(str(Path(model_dir).resolve()))
     molecule_shards = [IndexShard.options(name=f"MoleculeShard{i}").bind(str(Path(molecules).resolve()), i, shards)
                        for i in range(shards)]
     text_shards = [IndexShard.options(name=f"TextShard{i}").bind(str(Path(texts).resolve()), i, shards)

@@ -134,6 +134,8 @@ def main() -> None:
     parser.add_argument("--hnsw-size", type=int, default=200_000)
     parser.add_argument("--requests", type=int, default=200)
     parser.add_argument("--fuzz", type=int, default=2000)
+    parser.add_argument("--encoder-max-replicas", type=int, default=1,
+                        help="autoscaling bound of the encoder (1 on a 2-core machine: more replicas only contend)")
     parser.add_argument("--out", default="results/benchmark_serve.json")
     args = parser.parse_args()
     workdir = Path(tempfile.mkdtemp())
@@ -154,7 +156,8 @@ def main() -> None:
     report = {"libraries": {}, "device": "cpu (2 cores)", "note": "random libraries are unit vectors: size, not quality"}
     queries = [QUERIES[i % len(QUERIES)] + f" ({i})" for i in range(args.requests)]
     for name, library in libraries.items():
-        serve.run(build_app({"model_dir": args.model, "molecules": library["path"]}), name="bench", route_prefix="/")
+        serve.run(build_app({"model_dir": args.model, "molecules": library["path"],
+                             "encoder_max_replicas": args.encoder_max_replicas}), name="bench", route_prefix="/")
 
         async def measure():
             async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=120) as client:

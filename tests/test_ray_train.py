@@ -37,10 +37,9 @@ def fixed_batch_step(loop_config: dict) -> None:
     config = load_config("tiny", loop_config["overrides"])
     rank, world = ray.train.get_context().get_world_rank(), ray.train.get_context().get_world_size()
     torch.manual_seed(0)
-    model = create_model(config.model).double()
+    model = create_model(config.model)  # float32: DeepSpeed reduces fp32/fp16/bf16 gradients only
     engine, critic, _ = build_engine(model, config, steps_per_epoch=1, world_size=world, use_gpu=False)
     torch.manual_seed(1)
-    critic.double()
     items = [MoleculeTextDataset(loop_config["path"], progress=False)[i] for i in range(GLOBAL_BATCH)]
     batch = PairCollator(model.tokenizer, config.model.text.max_length)(items)
     rows = slice(rank * GLOBAL_BATCH // world, (rank + 1) * GLOBAL_BATCH // world)
@@ -74,8 +73,8 @@ def test_two_deepspeed_workers_equal_one(local_ray, tmp_path, small_root):
     one, two = run_fixed_batch_step(tmp_path, path, 1), run_fixed_batch_step(tmp_path, path, 2)
     assert torch.allclose(one["loss"], two["loss"], atol=1e-5)
     assert set(one["grads"]) == set(two["grads"]) and len(one["grads"]) > 20
-    for name, grad in one["grads"].items():
-        assert torch.allclose(two["grads"][name], grad, atol=1e-5, rtol=0), name
+    for name, grad in one["grads"].items():  # fp32: 1e-5 absolute, plus summation-order noise on large entries
+        assert torch.allclose(two["grads"][name], grad, atol=1e-5, rtol=1e-4), name
 
 
 def test_killed_worker_resumes_from_its_checkpoint_and_reruns_continue(local_ray, tmp_path, train_root):

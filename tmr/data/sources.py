@@ -41,12 +41,12 @@ def resolve_data_root(data: str | os.PathLike | None = None, download: bool = Tr
         root = Path(data).expanduser()
         if not root.is_dir():
             raise FileNotFoundError(f"data root {root} does not exist")
-        return root
+        return root.resolve()
     if os.environ.get("TMR_DATA"):
         return resolve_data_root(os.environ["TMR_DATA"])
     for candidate in _shared_candidates():
         if any((candidate / f"{split}.txt").exists() for split in SPLITS):
-            return candidate
+            return candidate.resolve()
     root = CACHE / "chebi20"
     if download:
         for split in SPLITS:

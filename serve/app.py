@@ -52,7 +52,8 @@ class EmbedRequest(BaseModel):
     smiles: list[str] = Field(default_factory=list, max_length=256)
 
 
-@serve.deployment(ray_actor_options={"num_cpus": 0.5},
+# max_ongoing_requests above the batch size, or requests wait in the router instead of in a batch
+@serve.deployment(ray_actor_options={"num_cpus": 0.5}, max_ongoing_requests=64,
                   autoscaling_config={"min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 8})
 class Encoder:
     """The model's two encoders; concurrent requests are batched (`@serve.batch`)."""
@@ -84,7 +85,7 @@ class Encoder:
             raise RuntimeError("model not loaded")
 
 
-@serve.deployment(ray_actor_options={"num_cpus": 0.25},
+@serve.deployment(ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=64,
                   autoscaling_config={"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 16})
 class IndexShard:
     """One shard (rows shard::num_shards) of an index directory."""
@@ -130,7 +131,7 @@ def parse_or_422(smiles: str):
         raise HTTPException(status_code=422, detail=f"invalid SMILES {smiles!r}: {error}") from error
 
 
-@serve.deployment(ray_actor_options={"num_cpus": 0.25})
+@serve.deployment(ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=128)
 @serve.ingress(api)
 class Ingress:
     def __init__(self, encoder, molecule_shards: list, text_shards: list, info: dict):

@@ -71,23 +71,22 @@ def build_engine(model, config: RunConfig, steps_per_epoch: int, world_size: int
     return engine, critic, critic_optimizer
 
 
-def load_splits_once_per_node(config: RunConfig, local_rank: int):
-    """Local rank 0 featurises and caches; the others read its cache (no two writers per node)."""
-    from tmr.data import load_splits, resolve_data_root
-
-    root = resolve_data_root(config.data)
+def once_per_node(local_rank: int, build):
+    """`build()` on local rank 0 first, then on the others, which read the disk cache it filled:
+    featurised graphs and cached text states are computed and written once per node, not per worker."""
     if local_rank == 0:
-        splits = load_splits(root, max_train_pairs=config.train.max_train_pairs, seed=config.train.seed)
+        value = build()
     dist.barrier()
     if local_rank != 0:
-        splits = load_splits(root, max_train_pairs=config.train.max_train_pairs, seed=config.train.seed)
-    return splits
+        value = build()
+    return value
 
 
 def train_loop_per_worker(loop_config: dict) -> None:
     """Ray Train worker: train `loop_config["run"]` for its epochs, reporting every epoch."""
     import ray.train
 
+    from tmr.data import load_splits, resolve_data_root
     from tmr.losses import AlignmentLoss
     from tmr.model import create_model
     from tmr.train import (critic_update, epoch_record, evaluate, make_collator, make_loader, seed_everything,
@@ -99,10 +98,12 @@ def train_loop_per_worker(loop_config: dict) -> None:
     use_gpu = torch.cuda.is_available() and config.train.use_gpu
     torch.set_num_threads(max(1, int(loop_config.get("threads_per_worker", 1))))
     seed_everything(config.train.seed)
-    splits = load_splits_once_per_node(config, context.get_local_rank())
-
+    local_rank = context.get_local_rank()
+    splits = once_per_node(local_rank, lambda: load_splits(resolve_data_root(config.data),
+                                                            max_train_pairs=config.train.max_train_pairs,
+                                                            seed=config.train.seed))
     model = create_model(config.model)
-    collator = make_collator(model, config, splits, progress=rank == 0)
+    collator = once_per_node(local_rank, lambda: make_collator(model, config, splits, progress=rank == 0))
     loader = make_loader(splits.fit, collator, config.train.batch_size, shuffle=True, seed=config.train.seed,
                          rank=rank, world_size=world_size)
     engine, critic, critic_optimizer = build_engine(model, config, len(loader), world_size, use_gpu)

@@ -153,7 +153,6 @@ class RetrievalIndex:
             self.index = faiss.read_index(str(directory / "index.faiss"))
         else:
             self.index = build_faiss(embeddings[self.rows], self.manifest["index"])
-        self.embeddings = embeddings[self.rows]
         self.metadata = {k: [v[i] for i in self.rows] for k, v in metadata.items()}
 
     def __len__(self) -> int:
@@ -174,7 +173,7 @@ def merge_top_k(results: list[tuple[np.ndarray, np.ndarray]], k: int) -> tuple[n
     """Merge per-shard (scores, rows) into the global top k, ties broken by row number."""
     scores = np.concatenate([s for s, _ in results], axis=1)
     rows = np.concatenate([r for _, r in results], axis=1)
-    order = np.lexsort((rows, -scores), axis=1)[:, :k] if scores.ndim == 2 else None
+    order = np.lexsort((rows, -scores), axis=1)[:, :k]
     return np.take_along_axis(scores, order, 1), np.take_along_axis(rows, order, 1)
 
 
@@ -190,7 +189,6 @@ def embed_rows(model_dir: str | Path, rows: LibraryRows, kind: str, batch_size: 
     dataset = ray.data.from_items([{column: v, "position": i} for i, v in enumerate(values)])
     embedded = dataset.map_batches(_Embedder, fn_constructor_args=(str(model_dir), kind), batch_size=batch_size,
                                    concurrency=concurrency, batch_format="numpy")
-    out = np.zeros((len(values), 0), dtype=np.float32)
     batches = list(embedded.iter_batches(batch_size=None, batch_format="numpy"))
     positions = np.concatenate([b["position"] for b in batches])
     vectors = np.concatenate([np.stack(b["embedding"]) for b in batches])

@@ -148,8 +148,8 @@ def embed_pairs(model: TMRModel, dataset: Dataset, progress: bool = False,
         model.eval()
         collate = PairCollator(model.tokenizer, model.config.text.max_length, text_states)
         chunks = []
-        for start in range(0, len(items), 256):
-            batch = to_device(collate(items[start:start + 256]), model.device)
+        for start in range(0, len(texts), 256):  # texts only: the graphs are embedded below
+            batch = to_device(collate.cached_states(texts[start:start + 256]), model.device)
             chunks.append(model.forward_text(None, batch["attention_mask"], batch["text_states"])[0].float().cpu())
         text = torch.cat(chunks)
     else:

@@ -93,14 +93,17 @@ class PairCollator:
 
     def __call__(self, items: list) -> dict:
         texts = [item.text for item in items]
-        if self.text_states is None:
-            return {"graphs": Batch.from_data_list(items), **self.tokenize(texts)}
+        text = self.tokenize(texts) if self.text_states is None else self.cached_states(texts)
+        return {"graphs": Batch.from_data_list(items), **text}
+
+    def cached_states(self, texts: list[str]) -> dict:
+        """{"text_states": (B, T, H) padded cached states, "attention_mask": (B, T)}."""
         states = [self.text_states[text] for text in texts]
         padded = torch.nn.utils.rnn.pad_sequence(states, batch_first=True)
         mask = torch.zeros(padded.shape[:2], dtype=torch.long)
         for row, state in enumerate(states):
             mask[row, :len(state)] = 1
-        return {"graphs": Batch.from_data_list(items), "text_states": padded, "attention_mask": mask}
+        return {"text_states": padded, "attention_mask": mask}
 
     def tokenize(self, texts: list[str]) -> dict:
         out = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt")

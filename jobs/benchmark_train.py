@@ -132,7 +132,8 @@ def main() -> None:
     config = load_config(args.config, args.overrides)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    ray.init(address="local", num_cpus=args.cpus, object_store_memory=256 * 1024**2, include_dashboard=True)  # the dashboard serves the state API Ray Train polls
+    ray.init(address="local", num_cpus=args.cpus, object_store_memory=256 * 1024**2,
+             include_dashboard=True)  # local on purpose: a benchmark owns its machine
     storage = (out.parent / "ray_benchmarks").resolve()
     torch.set_num_threads(args.cpus)
     plain = run_plain(config, args.steps)

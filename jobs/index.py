@@ -18,9 +18,9 @@ import tempfile
 import time
 from pathlib import Path
 
-import ray
 
 from tmr.data import available_splits, resolve_data_root
+from tmr.distributed import init_ray
 from tmr.index import embed_rows, read_library, write_index
 
 
@@ -52,10 +52,7 @@ def main() -> None:
     parser.add_argument("--num-cpus", type=int, default=os.cpu_count())
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if "RAY_ADDRESS" in os.environ:
-        ray.init()
-    else:
-        ray.init(address="local", num_cpus=args.num_cpus, object_store_memory=512 * 1024**2, include_dashboard=True)  # the dashboard serves the state API Ray Train polls
+    init_ray(args.num_cpus)
     library = Path(args.library) if args.library else chebi_library(args.data)
     rows = read_library(library, args.kind)
     started = time.time()

@@ -15,10 +15,9 @@ import json
 import logging
 import os
 
-import ray
 
 from tmr.config import load_config
-from tmr.distributed import train_with_ray
+from tmr.distributed import init_ray, train_with_ray
 
 
 def main() -> None:
@@ -39,10 +38,7 @@ def main() -> None:
         config.train.num_workers = args.workers
     if args.gpu:
         config.train.use_gpu = True
-    if "RAY_ADDRESS" in os.environ:  # under `ray job submit`: join the cluster
-        ray.init()
-    else:
-        ray.init(address="local", num_cpus=args.num_cpus, object_store_memory=512 * 1024**2, include_dashboard=True)  # the dashboard serves the state API Ray Train polls
+    init_ray(args.num_cpus)
     metrics = train_with_ray(config)
     print(json.dumps({"output": config.output, "best_epoch": metrics["best_epoch"],
                       "validation": metrics["validation"]}, indent=2))

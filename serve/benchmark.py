@@ -15,7 +15,6 @@ import asyncio
 import json
 import random
 import socket
-import statistics
 import sys
 import tempfile
 import time

@@ -2,7 +2,6 @@
 process holding all of it (within 1e-5): gathered features with autograd, global BatchNorm.
 Computed in float64; in float32 the two differ by summation order only (about 1e-5 of the gradient scale)."""
 
-import os
 
 import pytest
 import torch

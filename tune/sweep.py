@@ -25,6 +25,7 @@ from ray import tune
 from tmr.atomic import atomic_directory
 from tmr.config import load_config
 from tmr.data import resolve_data_root
+from tmr.distributed import init_ray
 
 DISTRIBUTIONS = {"choice": tune.choice, "uniform": lambda b: tune.uniform(*b), "loguniform": lambda b: tune.loguniform(*b),
                  "randint": lambda b: tune.randint(*b)}
@@ -159,10 +160,7 @@ def main() -> None:
     parser.add_argument("--resume", action="store_true", help="continue the sweep stored under --out")
     parser.add_argument("--num-cpus", type=int, default=os.cpu_count())
     args = parser.parse_args()
-    if "RAY_ADDRESS" in os.environ:
-        ray.init()
-    else:
-        ray.init(address="local", num_cpus=args.num_cpus, object_store_memory=256 * 1024**2, include_dashboard=True)  # the dashboard serves the state API Ray Train polls
+    init_ray(args.num_cpus, object_store_mib=256)
     print(json.dumps(sweep(args.space, args.out, args.trials, args.resume), indent=2))
 
 

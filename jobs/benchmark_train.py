@@ -3,7 +3,8 @@
     python jobs/benchmark_train.py --config cpu --steps 20 --out results/benchmark_train.json
 
 * samples/s of the same model and global batch with 1 and with 2 Ray Train workers (DeepSpeed);
-* samples/s of a DeepSpeed engine vs a plain torch loop in one process (same model, same batches);
+* samples/s of a DeepSpeed engine vs a plain torch loop in one process (same model, same batches),
+  and vs the plain loop inside the same Ray worker, steps alternated (the engine's own cost);
 * seconds per epoch of the preset on the fit split, extrapolated from the measured step time;
 * peak resident memory of each process.
 Each figure is the median over `--steps` steps after 3 warm-up steps, all measured in one run.
@@ -12,6 +13,7 @@ Each figure is the median over `--steps` steps after 3 warm-up steps, all measur
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import resource
@@ -64,6 +66,7 @@ def deepspeed_worker(loop_config: dict) -> None:
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     model, batches, steps_per_epoch = prepare(config, rank, world)
+    plain = plain_step(copy.deepcopy(model), config) if world == 1 else None
     engine, critic, _ = build_engine(model, config, steps_per_epoch, world, use_gpu=False)
     criterion = AlignmentLoss(config.loss)
 
@@ -73,9 +76,41 @@ def deepspeed_worker(loop_config: dict) -> None:
         engine.step()
 
     engine.train()
-    seconds = statistics.median(timed_steps(step, batches, loop_config["steps"]))
-    Path(loop_config["out"], f"rank{rank}.json").write_text(json.dumps(
-        {"seconds_per_step": seconds, "steps_per_epoch": steps_per_epoch, "peak_rss_mib": peak_rss_mib()}))
+    measured = {"steps_per_epoch": steps_per_epoch}
+    if plain is None:
+        measured["seconds_per_step"] = statistics.median(timed_steps(step, batches, loop_config["steps"]))
+    else:  # alternate engine and plain steps in this worker: the engine's own cost, free of machine noise
+        engine_times, plain_times = [], []
+        for i in range(loop_config["steps"] + 3):
+            for run, times in ((step, engine_times), (plain, plain_times)):
+                started = time.perf_counter()
+                run(batches[i % len(batches)])
+                if i >= 3:
+                    times.append(time.perf_counter() - started)
+        measured.update(seconds_per_step=statistics.median(engine_times),
+                        plain_seconds_per_step_same_worker=statistics.median(plain_times))
+    measured["peak_rss_mib"] = peak_rss_mib()
+    Path(loop_config["out"], f"rank{rank}.json").write_text(json.dumps(measured))
+
+
+def plain_step(model, config):
+    """One step of the plain loop (tmr.train.fit's): forward, loss, backward, optimiser and schedule."""
+    from tmr.losses import AlignmentLoss, Discriminator
+    from tmr.train import make_optimizer
+
+    model.logit_scale.requires_grad_(config.loss.first_order in ("infonce", "both"))
+    optimizer, scheduler = make_optimizer(model, config.train, 10**6)
+    criterion, critic = AlignmentLoss(config.loss), Discriminator(config.model.embed_dim)
+    model.train()
+
+    def step(batch):
+        terms = criterion(model(batch), critic, model.logit_scale)
+        optimizer.zero_grad(set_to_none=True)
+        terms["loss"].backward()
+        optimizer.step()
+        scheduler.step()
+
+    return step
 
 
 def run_ray(config, workers: int, steps: int, cpus: int, storage: Path) -> dict:
@@ -96,27 +131,18 @@ def run_ray(config, workers: int, steps: int, cpus: int, storage: Path) -> dict:
     ).fit()
     ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in range(workers)]
     seconds = max(r["seconds_per_step"] for r in ranks)  # a step ends when the slowest worker ends it
-    return {"workers": workers, "threads_per_worker": threads, "seconds_per_step": seconds,
-            "samples_per_second": config.train.batch_size / seconds, "steps_per_epoch": ranks[0]["steps_per_epoch"],
-            "peak_rss_mib_per_worker": [r["peak_rss_mib"] for r in ranks]}
+    measured = {"workers": workers, "threads_per_worker": threads, "seconds_per_step": seconds,
+                "samples_per_second": config.train.batch_size / seconds, "steps_per_epoch": ranks[0]["steps_per_epoch"],
+                "peak_rss_mib_per_worker": [r["peak_rss_mib"] for r in ranks]}
+    if "plain_seconds_per_step_same_worker" in ranks[0]:
+        measured["plain_samples_per_second_same_worker"] = (config.train.batch_size
+                                                            / ranks[0]["plain_seconds_per_step_same_worker"])
+    return measured
 
 
 def run_plain(config, steps: int) -> dict:
-    from tmr.losses import AlignmentLoss, Discriminator
-    from tmr.train import parameter_groups
-
     model, batches, steps_per_epoch = prepare(config)
-    optimizer = torch.optim.Adam(parameter_groups(model, config.train))
-    criterion, critic = AlignmentLoss(config.loss), Discriminator(config.model.embed_dim)
-
-    def step(batch):
-        terms = criterion(model(batch), critic, model.logit_scale)
-        optimizer.zero_grad(set_to_none=True)
-        terms["loss"].backward()
-        optimizer.step()
-
-    model.train()
-    seconds = statistics.median(timed_steps(step, batches, steps))
+    seconds = statistics.median(timed_steps(plain_step(model, config), batches, steps))
     return {"workers": 1, "loop": "plain torch", "seconds_per_step": seconds,
             "samples_per_second": config.train.batch_size / seconds, "peak_rss_mib": peak_rss_mib()}
 
@@ -144,6 +170,7 @@ def main() -> None:
         "deepspeed_ray_1_worker": one, "deepspeed_ray_2_workers": two,
         "ratio_2_vs_1_workers": two["samples_per_second"] / one["samples_per_second"],
         "ratio_deepspeed_vs_plain": one["samples_per_second"] / plain["samples_per_second"],
+        "ratio_deepspeed_vs_plain_same_worker": one["samples_per_second"] / one["plain_samples_per_second_same_worker"],
         "epoch_seconds_estimate": {f"{w['workers']}_workers": w["seconds_per_step"] * w["steps_per_epoch"]
                                    for w in (one, two)},
         "device": "cpu", "note": "median step time after 3 warm-up steps; text states cached when the preset says so",

@@ -34,3 +34,12 @@ def test_paper_preset_is_method_md():
     assert (config.model.molecule.kind, config.model.projector.memory_size, config.model.embed_dim) == ("gcn_mol2vec", 28, 300)
     assert (config.train.batch_size, config.train.epochs, config.train.lr, config.train.text_lr) == (32, 60, 1e-4, 3e-5)
     assert (config.loss.margin, config.loss.adversarial_weight, config.loss.intra_weight, config.loss.cross_weight) == (0.3, 2e-4, 1.0, 1.0)
+
+
+def test_clip_preset_is_the_plain_dual_encoder_baseline():
+    config = load_config("clip")
+    assert config.model.architecture == "dual_encoder" and config.model.text.trainable_layers == 0
+    assert (config.loss.first_order, config.loss.adversarial_weight, config.loss.intra_weight,
+            config.loss.cross_weight) == ("infonce", 0.0, 0.0, 0.0)
+    assert (config.train.optimizer, config.train.schedule, config.train.lr, config.train.epochs,
+            config.train.batch_size) == ("adamw", "onecycle", 1e-3, 30, 64)

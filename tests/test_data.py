@@ -97,3 +97,70 @@ def test_train_file_is_picked_up_when_it_appears(tmp_path, small_root):
     assert splits.label == "ChEBI-20"
     assert (len(splits.fit), len(splits.select)) == (60, 60)
     assert splits.select_positions.tolist() == list(range(60, 120))  # pool order: train, validation, test
+
+
+def test_molecules_tsv_is_the_text_to_molecule_pool(tmp_path, small_root, chebi_root):
+    """A data root's molecules.tsv (Text2Mol's 33,010) is the text -> molecule pool; each query's gold
+    is its own CID there; a file that lacks an evaluated CID is refused with the reason."""
+    import torch
+
+    from tmr.config import load_config
+    from tmr.model import create_model
+    from tmr.train import evaluate
+
+    root = tmp_path / "root"
+    root.mkdir()
+    (root / "validation.txt").write_text((small_root / "validation.txt").read_text())
+    header, *rows = (chebi_root / "molecules.tsv").read_text().splitlines()
+    ours = {line.split("\t")[0] for line in (small_root / "validation.txt").read_text().splitlines()[1:]}
+    ours_rows = [r for r in rows if r.split("\t")[0] in ours]
+    others = [r for r in rows[:400] if r.split("\t")[0] not in ours][:80]
+    (root / "molecules.tsv").write_text("\n".join([header] + others + ours_rows) + "\n")
+    splits = load_splits(root)
+    assert len(splits.candidates) == 80 + 120
+    dataset, _, gold = splits.queries("select")
+    assert [splits.candidates.ids[g] for g in gold.tolist()] == [dataset[i].id for i in range(len(dataset))]
+    model = create_model(load_config("tiny").model)
+    full = evaluate(model, splits, pools=("all",))["all"]
+    assert full["text_to_molecule"]["pool"] == 200 and full["molecule_to_text"]["pool"] == 120
+    assert torch.is_tensor(gold) and full["queries"] == len(dataset) == 24
+
+    (root / "molecules.tsv").write_text("\n".join([header] + others + ours_rows[1:]) + "\n")
+    with pytest.raises(ValueError, match="lacks 1 evaluated molecule"):
+        load_splits(root)
+
+
+def test_mol2vec_table_resolves_like_the_data_root(tmp_path, monkeypatch, chebi_root):
+    """Flag, then $TMR_MOL2VEC, then ../shared of the working directory; Text2Mol's pickled table is
+    converted to a pickle-free npz with the same keys and vectors, and anything but arrays is refused."""
+    import io
+    import pickle
+
+    import numpy as np
+
+    from tmr.data.sources import convert_text2mol_table, resolve_mol2vec
+
+    shared = chebi_root.parent / "mol2vec/tokens.npz"
+    monkeypatch.delenv("TMR_MOL2VEC", raising=False)
+    monkeypatch.chdir(chebi_root.parents[2])  # the directory holding shared/, as a user's working directory
+    assert resolve_mol2vec(download=False) == shared.resolve()
+    table = np.load(shared)
+    buffer = io.BytesIO()
+    np.save(buffer, dict(zip(table["keys"], table["vectors"])), allow_pickle=True)  # Text2Mol's format
+    converted = convert_text2mol_table(buffer.getvalue(), tmp_path / "tokens.npz")
+    again = np.load(converted)  # allow_pickle=False
+    assert (again["keys"] == table["keys"]).all() and np.array_equal(again["vectors"], table["vectors"])
+    monkeypatch.setenv("TMR_MOL2VEC", str(converted))
+    assert resolve_mol2vec() == converted.resolve()
+    assert resolve_mol2vec(shared) == shared.resolve()  # an explicit path wins
+    with pytest.raises(FileNotFoundError):
+        resolve_mol2vec(tmp_path / "missing.npz")
+
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    evil = io.BytesIO()
+    np.save(evil, np.array([Evil()], dtype=object), allow_pickle=True)
+    with pytest.raises(pickle.UnpicklingError, match="refusing"):
+        convert_text2mol_table(evil.getvalue(), tmp_path / "evil.npz")

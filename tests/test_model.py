@@ -20,7 +20,8 @@ def test_save_load_round_trip_gives_identical_embeddings(tmp_path, overrides, ch
     model = create_model(config.model)
     with torch.no_grad():  # move the BatchNorm statistics away from their initial values
         model.train()
-        model.head.norm(torch.randn(32, config.model.embed_dim))
+        model.head(torch.randn(32, config.model.embed_dim), 0)  # texts
+        model.head(torch.randn(32, config.model.embed_dim) + 1.0, 1)  # molecules: other statistics
     text, molecule = model.encode_text(TEXTS), model.encode_molecule(SMILES)
     assert text.shape == (2, 64) and molecule.shape == (3, 64)
     assert torch.allclose(text.norm(dim=-1), torch.ones(2), atol=1e-5)
@@ -88,3 +89,23 @@ def test_cached_text_states_match_the_full_text_path(small_root):
     assert torch.allclose(full_text, cached_text, atol=5e-3)  # fp16 cache
     with pytest.raises(ValueError, match="frozen"):
         create_model(load_config("tiny").model).text_encoder.backbone_states(["x"], 16)
+
+
+def test_memory_bank_equals_multihead_attention_averaged_over_slots():
+    """The projector's cheaper arrangement computes nn.MultiheadAttention's slots, averaged."""
+    from tmr.model import MemoryBankProjector
+
+    torch.manual_seed(0)
+    projector = MemoryBankProjector(dim=32, memory_size=5, num_heads=4).double()
+    reference = torch.nn.MultiheadAttention(32, 4, batch_first=True).double()
+    with torch.no_grad():
+        reference.in_proj_weight.copy_(torch.cat([projector.query.weight, projector.key.weight, projector.value.weight]))
+        reference.in_proj_bias.copy_(torch.cat([projector.query.bias, projector.key.bias, projector.value.bias]))
+        reference.out_proj.weight.copy_(projector.out.weight)
+        reference.out_proj.bias.copy_(projector.out.bias)
+    features = torch.randn(3, 7, 32, dtype=torch.float64)
+    mask = torch.tensor([[True] * 7, [True] * 4 + [False] * 3, [True] + [False] * 6])
+    queries = projector.memory.unsqueeze(0).expand(3, -1, -1)
+    slots, _ = reference(queries, features, features, key_padding_mask=~mask, need_weights=False)
+    packed, segment = features[mask], mask.nonzero()[:, 0]  # what the encoders hand the projector
+    assert torch.allclose(projector(packed, segment, 3), slots.mean(1), atol=1e-12)

@@ -51,8 +51,10 @@ def fixed_batch_step(loop_config: dict) -> None:
     loss = terms["loss"].detach().clone()
     dist.all_reduce(loss)
     grads = {n: p.grad.detach().clone() for n, p in engine.module.named_parameters() if p.grad is not None}
+    norm = engine.module.head.norm  # per-modality statistics of the global batch, the same on every worker
+    running = {"mean": norm.running_mean.clone(), "var": norm.running_var.clone()}
     if rank == 0:
-        torch.save({"loss": loss / world, "grads": grads}, loop_config["out"])
+        torch.save({"loss": loss / world, "grads": grads, "running": running}, loop_config["out"])
 
 
 def run_fixed_batch_step(tmp_path, path, workers: int) -> dict:
@@ -75,6 +77,9 @@ def test_two_deepspeed_workers_equal_one(local_ray, tmp_path, small_root):
     assert set(one["grads"]) == set(two["grads"]) and len(one["grads"]) > 20
     for name, grad in one["grads"].items():  # fp32: 1e-5 absolute, plus summation-order noise on large entries
         assert torch.allclose(two["grads"][name], grad, atol=1e-5, rtol=1e-4), name
+    for key in ("mean", "var"):  # the head's BatchNorm statistics: global, one row per modality
+        assert torch.allclose(two["running"][key], one["running"][key], atol=1e-5), key
+    assert not torch.allclose(one["running"]["mean"][0], one["running"]["mean"][1])
 
 
 def test_killed_worker_resumes_from_its_checkpoint_and_reruns_continue(local_ray, tmp_path, train_root):
@@ -89,6 +94,9 @@ def test_killed_worker_resumes_from_its_checkpoint_and_reruns_continue(local_ray
     assert saved["best_epoch"] == max(history, key=lambda h: h["val_mrr"])["epoch"]
     best = from_pretrained(tmp_path / "run/best")
     assert best.config == config.model
+    # the exported head carries recalibrated statistics for each modality (what inference normalises by)
+    assert (best.head.norm.num_batches_tracked > 0).all()
+    assert not torch.allclose(best.head.norm.running_mean[0], best.head.norm.running_mean[1])
     embedded = best.encode_molecule(["CCO"])
     assert embedded.shape == (1, 64) and torch.isfinite(embedded).all()
     assert (tmp_path / "run/curves.png").exists()

@@ -29,43 +29,19 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    import torch
-
-    from tmr.data import MoleculeTextDataset, available_splits, resolve_data_root
-    from tmr.metrics import retrieval_metrics
-    from tmr.model import from_pretrained
-    from tmr.train import embed_pairs
-
-    if args.split == "select":
-        return _eval_select(args)
-    files = available_splits(resolve_data_root(args.data))
-    if args.split not in files:
-        print(f"tmr eval: split {args.split!r} is not in the data root (present: {sorted(files)})", file=sys.stderr)
-        return 2
-    model = from_pretrained(args.model)
-    names = [name for name in ("train", "validation", "test") if name in files] if args.pool == "all" else [args.split]
-    texts, molecules, positions, offset = [], [], None, 0
-    for name in names:
-        text, molecule = embed_pairs(model, MoleculeTextDataset(files[name]), progress=True)
-        if name == args.split:
-            positions = offset + torch.arange(len(text))
-        texts.append(text)
-        molecules.append(molecule)
-        offset += len(text)
-    metrics = retrieval_metrics(torch.cat(texts), torch.cat(molecules), positions, "all")
-    print(json.dumps({"split": args.split, **metrics}, indent=2))
-    return 0
-
-
-def _eval_select(args: argparse.Namespace) -> int:
-    """The pairs runs select on: validation, or its provisional held-out 500 without train.txt."""
+    """Metrics of a model directory on one split: `select` is what training selects on (validation,
+    or its provisional held-out part without train.txt)."""
     from tmr.data import load_splits, resolve_data_root
     from tmr.model import from_pretrained
     from tmr.train import evaluate
 
     splits = load_splits(resolve_data_root(args.data))
-    metrics = evaluate(from_pretrained(args.model), splits, "select", pools=(args.pool,), progress=True)
-    print(json.dumps({"split": "select", "data": splits.label, **metrics[args.pool]}, indent=2))
+    if args.split not in splits.query_sets:
+        print(f"tmr eval: split {args.split!r} is not in the data root (present: {sorted(splits.query_sets)})",
+              file=sys.stderr)
+        return 2
+    metrics = evaluate(from_pretrained(args.model), splits, args.split, pools=(args.pool,), progress=True)
+    print(json.dumps({"split": args.split, "data": splits.label, **metrics[args.pool]}, indent=2))
     return 0
 
 
@@ -115,7 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--split", default="test", choices=["train", "validation", "test", "select"],
                     help="select: what training selects on (validation, or its provisional held-out part)")
     ev.add_argument("--pool", default="all", choices=["all", "split"],
-                    help="all: every pair of every split present (Text2Mol); split: the split alone")
+                    help="all: Text2Mol's protocol, texts against every molecule of molecules.tsv (33,010 for "
+                         "ChEBI-20; else of every split present), molecules against every text present; "
+                         "split: the split alone")
     ev.set_defaults(run=_eval)
     embed = sub.add_parser("embed", help="embed a file of texts or SMILES into .npy (+ .ids.txt)")
     embed.add_argument("--model", required=True)

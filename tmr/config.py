@@ -32,7 +32,8 @@ class MoleculeEncoderConfig:
     kind: str = "gine"  # "gine" (PyG from_smiles features) or "gcn_mol2vec" (paper)
     hidden_dim: int = 300
     num_layers: int = 3
-    mol2vec_path: str | None = None  # tokens.npz; None: looked up beside the data root
+    mol2vec_features: bool = False  # gine: add each atom's (projected) Mol2vec vector to its input features
+    mol2vec_path: str | None = None  # tokens.npz; None: $TMR_MOL2VEC, ../shared, else downloaded and verified
 
 
 @dataclass
@@ -43,6 +44,7 @@ class ProjectorConfig:
 
 @dataclass
 class ModelConfig:
+    architecture: str = "memory_bank"  # the paper's model, or "dual_encoder" (the CLIP-style baseline)
     embed_dim: int = 300
     text: TextEncoderConfig = field(default_factory=TextEncoderConfig)
     molecule: MoleculeEncoderConfig = field(default_factory=MoleculeEncoderConfig)
@@ -53,7 +55,7 @@ class ModelConfig:
 
 @dataclass
 class LossConfig:
-    first_order: str = "triplet"  # "triplet" (paper) or "infonce"
+    first_order: str = "triplet"  # "triplet" (paper), "infonce" or "both"
     margin: float = 0.3
     infonce_temperature: float = 0.07  # initial value; learnable
     adversarial_weight: float = 2e-4
@@ -72,7 +74,9 @@ class TrainConfig:
     lr: float = 1e-4
     text_lr: float = 3e-5
     weight_decay: float = 0.0
-    warmup_steps: int = 1000
+    optimizer: str = "adam"  # "adam" or "adamw"
+    schedule: str = "linear"  # "linear" (warm-up, then linear decay) or "onecycle"
+    warmup_steps: int = 1000  # linear schedule; onecycle warms up over its first 30% of steps
     seed: int = 42
     num_workers: int = 1  # Ray Train workers (data parallel)
     use_gpu: bool = False
@@ -80,7 +84,8 @@ class TrainConfig:
     bf16: bool = False  # used on GPU only
     max_train_pairs: int | None = None  # subsample the training split (None: all of it)
     cache_text_states: bool = False  # frozen text backbone (trainable_layers=0): run it once, cache its states
-    eval_every: int = 1
+    recalibrate_batches: int = 16  # training batches that recompute the head's BatchNorm statistics each epoch
+    pool_all_every: int = 1  # epochs between validations against the full candidate pool (0: final eval only)
     log_every: int = 20
 
 
@@ -110,19 +115,24 @@ def paper_preset() -> RunConfig:
 
 
 def cpu_preset() -> RunConfig:
-    """What learns ChEBI-20 within an hour on 2 CPU cores.
+    """The full method (memory bank + second order + adversarial term) on 2 CPU cores, in minutes.
 
-    The MiniLM backbone is frozen and run once per text (its states cached), which makes a step
-    about 7x cheaper than fine-tuning its top two layers; the token projection, the memory bank,
-    the GINE and the shared head are trained.
+    The MiniLM backbone is frozen and run once per text (its states cached on disk); the token
+    projection, the memory bank, the GINE (with Mol2vec substructure vectors added to its atom
+    inputs) and the shared head are trained. The loss settings are the best trial of
+    `tune/space_cpu.yaml` (README, "Sweeps"): the paper's batch-hard triplet and softmax of
+    +distance, K = 64, second-order weights 0.34 / 0.44 at tau2 0.62.
     """
     return RunConfig(
         model=ModelConfig(
             text=TextEncoderConfig(max_length=256, trainable_layers=0),
-            molecule=MoleculeEncoderConfig(kind="gine", hidden_dim=300, num_layers=3),
-            projector=ProjectorConfig(memory_size=28, num_heads=4),
+            molecule=MoleculeEncoderConfig(kind="gine", hidden_dim=300, num_layers=3, mol2vec_features=True),
+            projector=ProjectorConfig(memory_size=64, num_heads=4),
         ),
-        train=TrainConfig(epochs=12, batch_size=64, lr=2e-3, text_lr=1e-4, warmup_steps=100, cache_text_states=True),
+        loss=LossConfig(first_order="triplet", second_order_similarity="distance", intra_weight=0.34, cross_weight=0.44,
+                        tau2=0.62),
+        train=TrainConfig(epochs=12, batch_size=64, lr=2e-3, text_lr=1e-4, warmup_steps=100, cache_text_states=True,
+                          pool_all_every=0),
         output="runs/cpu",
     )
 
@@ -141,7 +151,24 @@ def tiny_preset() -> RunConfig:
     )
 
 
-PRESETS = {"paper": paper_preset, "cpu": cpu_preset, "tiny": tiny_preset}
+def clip_preset() -> RunConfig:
+    """The plain dual-encoder baseline every results table carries: frozen MiniLM mean-pooled sentence
+    embedding -> 2-layer MLP; tmr's GINE -> mean pool -> Linear; symmetric InfoNCE with a learnable
+    temperature; AdamW 1e-3, one-cycle, 30 epochs, batch 64. No memory bank, second order or adversary."""
+    return RunConfig(
+        model=ModelConfig(
+            architecture="dual_encoder",
+            text=TextEncoderConfig(max_length=256, trainable_layers=0),
+            molecule=MoleculeEncoderConfig(kind="gine", hidden_dim=300, num_layers=3),
+        ),
+        loss=LossConfig(first_order="infonce", adversarial_weight=0.0, intra_weight=0.0, cross_weight=0.0),
+        train=TrainConfig(epochs=30, batch_size=64, lr=1e-3, optimizer="adamw", weight_decay=0.01, schedule="onecycle",
+                          cache_text_states=True, pool_all_every=5),
+        output="runs/clip",
+    )
+
+
+PRESETS = {"paper": paper_preset, "cpu": cpu_preset, "clip": clip_preset, "tiny": tiny_preset}
 
 
 def _coerce(value: Any, hint: Any) -> Any:

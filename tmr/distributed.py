@@ -70,12 +70,10 @@ def build_engine(model, config: RunConfig, steps_per_epoch: int, world_size: int
     import deepspeed
 
     from tmr.losses import Discriminator
-    from tmr.train import parameter_groups, warmup_linear
+    from tmr.train import make_optimizer
 
-    model.logit_scale.requires_grad_(config.loss.first_order == "infonce")
-    optimizer = torch.optim.Adam(parameter_groups(model, config.train))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, warmup_linear(config.train.warmup_steps, config.train.epochs * steps_per_epoch))
+    model.logit_scale.requires_grad_(config.loss.first_order in ("infonce", "both"))
+    optimizer, scheduler = make_optimizer(model, config.train, config.train.epochs * steps_per_epoch)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                            config=deepspeed_config(config, world_size, use_gpu),
                                            dist_init_required=False)
@@ -102,8 +100,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
     from tmr.data import load_splits, resolve_data_root
     from tmr.losses import AlignmentLoss
     from tmr.model import create_model
-    from tmr.train import (critic_update, epoch_record, evaluate, make_collator, make_loader, seed_everything,
-                           to_device)
+    from tmr.train import (critic_update, epoch_pools, epoch_record, evaluate, make_collator, make_loader,
+                           recalibrate_norm, seed_everything, to_device)
 
     config = config_from_dict(loop_config["run"])
     context = ray.train.get_context()
@@ -153,11 +151,13 @@ def train_loop_per_worker(loop_config: dict) -> None:
             if rank == 0 and config.train.log_every and step % config.train.log_every == 0:
                 log.info("epoch %d step %d/%d: %s", epoch, step, len(loader),
                          " ".join(f"{k} {v.item():.4f}" for k, v in terms.items()))
+        recalibrate_norm(engine.module, loader, config.train.recalibrate_batches)
         mean_loss = torch.tensor(sum(losses) / max(1, len(losses)), device=engine.device)
         dist.all_reduce(mean_loss)
         train_seconds = time.time() - started
         if rank == 0:
-            metrics = evaluate(engine.module, splits, pools=("split",), text_states=collator.text_states)
+            metrics = evaluate(engine.module, splits, pools=epoch_pools(config.train, epoch),
+                               text_states=collator.text_states)
             record = epoch_record(epoch, [mean_loss.item() / world_size], metrics, time.time() - started)
             record["train_seconds"] = train_seconds
             record["resumed_from_epoch"] = start_epoch - 1  # 0: this attempt started from scratch
@@ -186,13 +186,13 @@ def report_checkpoint(engine, critic, critic_optimizer, epoch: int, history: lis
         ray.train.report(metrics, checkpoint=Checkpoint.from_directory(directory))
 
 
-def _evaluate_best(model_dir: str, config_dict: dict) -> dict:
-    """Validation (both pools) and, when present, test metrics of the exported best model."""
+def evaluate_model(model_dir: str, config: RunConfig | dict) -> dict:
+    """Validation (both pools) and, when present, test metrics of an exported model directory."""
     from tmr.data import load_splits, resolve_data_root
     from tmr.model import from_pretrained
     from tmr.train import evaluate, make_collator
 
-    config = config_from_dict(config_dict)
+    config = config_from_dict(config) if isinstance(config, dict) else config
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = from_pretrained(model_dir).to(device)
     splits = load_splits(resolve_data_root(config.data), max_train_pairs=config.train.max_train_pairs,
@@ -247,7 +247,7 @@ def train_with_ray(config: RunConfig, threads_per_worker: int | None = None, cra
         history = json.loads((Path(directory) / "history.json").read_text())
     with best_checkpoint.as_directory() as directory, atomic_directory(out / "best") as staging:
         shutil.copytree(Path(directory) / "model", staging, dirs_exist_ok=True)
-    evaluate_remote = ray.remote(num_cpus=1, num_gpus=1 if train.use_gpu else 0)(_evaluate_best)
+    evaluate_remote = ray.remote(num_cpus=1, num_gpus=1 if train.use_gpu else 0)(evaluate_model)
     final = ray.get(evaluate_remote.remote(str(out / "best"), config.to_dict()))
     metrics = {"history": history, "best_epoch": max(history, key=lambda h: h["val_mrr"])["epoch"],
                "num_workers": train.num_workers, **final}

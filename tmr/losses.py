@@ -147,14 +147,15 @@ class AlignmentLoss(nn.Module):
         all_text, all_molecule = gather_features(text), gather_features(molecule)
         rows = local_rows(text.shape[0])
         terms: dict[str, torch.Tensor] = {}
-        if c.first_order == "triplet":
+        if c.first_order not in ("triplet", "infonce", "both"):
+            raise ValueError(f"unknown first-order loss {c.first_order!r}; use 'triplet', 'infonce' or 'both'")
+        total = torch.zeros((), device=text.device, dtype=text.dtype)
+        if c.first_order in ("triplet", "both"):
             terms["triplet"] = batch_hard_triplet(text, molecule, all_text, all_molecule, rows, c.margin)
-            total = terms["triplet"]
-        elif c.first_order == "infonce":
+            total = total + terms["triplet"]
+        if c.first_order in ("infonce", "both"):
             terms["infonce"] = info_nce(text, molecule, all_text, all_molecule, rows, logit_scale)
-            total = terms["infonce"]
-        else:
-            raise ValueError(f"unknown first-order loss {c.first_order!r}")
+            total = total + terms["infonce"]
         if c.adversarial_weight > 0 and discriminator is not None:
             # Only the molecule side is pushed toward texts; the critic's own weights are not updated here.
             discriminator.requires_grad_(False)

@@ -1,8 +1,9 @@
 """Retrieval metrics of Text2Mol's protocol: Hits@1, Hits@10, MRR, mean rank, both directions.
 
 A query's rank is 1 + the number of candidates scored strictly higher (cosine) than its own pair.
-Two candidate pools: "all" (every pair of every split present, Text2Mol's 33,010) and "split"
-(the evaluated split alone). Scores are computed in chunks, so 100k x 100k pools fit in memory.
+Two candidate pools: "all" (Text2Mol's: every molecule of ChEBI-20, 33,010, for text -> molecule,
+and every text present for molecule -> text) and "split" (the evaluated split alone). Each
+direction names its own pool size. Scores are computed in chunks, so 100k x 100k pools fit in memory.
 Hits and MRR are reported in percent, as the literature's tables are.
 """
 
@@ -35,6 +36,19 @@ def summarize(ranks: torch.Tensor) -> dict[str, float]:
             "mrr": 100 * (1 / ranks).mean().item(), "mean_rank": ranks.mean().item()}
 
 
+def direction_metrics(queries: torch.Tensor, candidates: torch.Tensor, gold: torch.Tensor) -> dict[str, float]:
+    """One direction: each query against every candidate; gold[i] is query i's own candidate."""
+    return {"pool": len(candidates), **summarize(ranks_of_gold(queries.float(), candidates.float(), torch.as_tensor(gold)))}
+
+
+def pool_metrics(text: torch.Tensor, molecule: torch.Tensor, all_text: torch.Tensor, text_gold: torch.Tensor,
+                 all_molecules: torch.Tensor, molecule_gold: torch.Tensor) -> dict:
+    """Queries (text[i], molecule[i]) are pairs; each ranked against its own pool (Text2Mol's protocol):
+    text[i] against all_molecules (gold molecule_gold[i]), molecule[i] against all_text (gold text_gold[i])."""
+    return {"queries": len(text), "text_to_molecule": direction_metrics(text, all_molecules, molecule_gold),
+            "molecule_to_text": direction_metrics(molecule, all_text, text_gold)}
+
+
 def retrieval_metrics(text: torch.Tensor, molecule: torch.Tensor, positions: torch.Tensor | None = None,
                       pool: str = "all") -> dict:
     """text[i] and molecule[i] are a pair; queries are the pairs at `positions` (default: all).
@@ -48,9 +62,4 @@ def retrieval_metrics(text: torch.Tensor, molecule: torch.Tensor, positions: tor
         text, molecule, positions = text[positions], molecule[positions], torch.arange(len(positions))
     elif pool != "all":
         raise ValueError(f"pool must be 'all' or 'split', not {pool!r}")
-    return {
-        "pool": len(molecule),
-        "queries": len(positions),
-        "text_to_molecule": summarize(ranks_of_gold(text[positions], molecule, positions)),
-        "molecule_to_text": summarize(ranks_of_gold(molecule[positions], text, positions)),
-    }
+    return pool_metrics(text[positions], molecule[positions], text, positions, molecule, positions)

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from tmr.config import RunConfig, TrainConfig, dump_config
 from tmr.data import PairCollator, Splits, load_splits, resolve_data_root
 from tmr.losses import AlignmentLoss, Discriminator, critic_loss
-from tmr.metrics import retrieval_metrics
+from tmr.metrics import pool_metrics, retrieval_metrics
 from tmr.model import TMRModel, create_model
 
 log = logging.getLogger("tmr.train")
@@ -45,6 +45,26 @@ def parameter_groups(model: TMRModel, train: TrainConfig) -> list[dict]:
     if text:
         groups.append({"params": text, "lr": train.text_lr, "weight_decay": train.weight_decay})
     return groups
+
+
+def make_optimizer(model: TMRModel, train: TrainConfig, total_steps: int
+                   ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+    """The optimiser (Adam or AdamW over `parameter_groups`) and its per-step schedule, for every loop."""
+    groups = parameter_groups(model, train)
+    if train.optimizer == "adam":
+        optimizer = torch.optim.Adam(groups)
+    elif train.optimizer == "adamw":
+        optimizer = torch.optim.AdamW(groups)
+    else:
+        raise ValueError(f"unknown optimizer {train.optimizer!r}; use 'adam' or 'adamw'")
+    if train.schedule == "linear":
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_linear(train.warmup_steps, total_steps))
+    elif train.schedule == "onecycle":
+        scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=[g["lr"] for g in groups],
+                                                        total_steps=max(1, total_steps))
+    else:
+        raise ValueError(f"unknown schedule {train.schedule!r}; use 'linear' or 'onecycle'")
+    return optimizer, scheduler
 
 
 def warmup_linear(warmup_steps: int, total_steps: int):
@@ -130,46 +150,84 @@ def cached_backbone_states(model: TMRModel, texts: list[str], max_length: int, p
     return states
 
 
+@torch.no_grad()
+def recalibrate_norm(model: TMRModel, loader: DataLoader, max_batches: int) -> None:
+    """Recompute the head's per-modality BatchNorm statistics under the current weights (PreciseBN).
+
+    The cumulative average of batch statistics over up to `max_batches` training batches replaces
+    the running averages, which lag a model that changed at every step. Everything else runs in
+    eval mode; under Ray Train the statistics are global (ModalityBatchNorm all-reduces), so every
+    worker ends with the same buffers. Every worker must pass the same number of batches.
+    """
+    from tmr.model import ModalityBatchNorm
+
+    norm = getattr(getattr(model, "head", None), "norm", None)
+    if not isinstance(norm, ModalityBatchNorm) or max_batches <= 0:
+        return
+    was_training, momentum = model.training, norm.momentum
+    model.eval()
+    norm.train()
+    norm.reset_running_stats()
+    norm.momentum = None
+    for step, batch in enumerate(loader):
+        if step >= max_batches:
+            break
+        model(to_device(batch, model.device))
+    norm.momentum = momentum
+    model.train(was_training)
+
+
 def to_device(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device) for k, v in batch.items()}
 
 
 @torch.no_grad()
-def embed_pairs(model: TMRModel, dataset: Dataset, progress: bool = False,
-                text_states: dict[str, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(text, molecule) embeddings of every pair of a dataset, in order.
+def embed_texts(model: TMRModel, texts: list[str], text_states: dict[str, torch.Tensor] | None = None,
+                progress: bool = False) -> torch.Tensor:
+    """Unit-norm embeddings of texts, in order (eval mode).
 
     With `text_states` (a frozen backbone's cached states, see PairCollator) the backbone is skipped:
     the same numbers up to the cache's fp16 rounding, without re-running the transformer every epoch.
     """
-    items = [dataset[i] for i in range(len(dataset))]
-    texts = [item.text for item in items]
     if text_states is not None and all(t in text_states for t in texts):
         model.eval()
         collate = PairCollator(model.tokenizer, model.config.text.max_length, text_states)
         chunks = []
-        for start in range(0, len(texts), 256):  # texts only: the graphs are embedded below
+        for start in range(0, len(texts), 256):
             batch = to_device(collate.cached_states(texts[start:start + 256]), model.device)
             chunks.append(model.forward_text(None, batch["attention_mask"], batch["text_states"])[0].float().cpu())
-        text = torch.cat(chunks)
-    else:
-        text = torch.cat([model.encode_text(texts[s:s + 256]) for s in
-                          tqdm(range(0, len(texts), 256), desc="embedding texts", disable=not progress, leave=False)])
-    molecule = model.encode_graphs(items)
-    return text, molecule
+        return torch.cat(chunks) if chunks else torch.empty(0, model.config.embed_dim)
+    return torch.cat([model.encode_text(texts[s:s + 256]) for s in
+                      tqdm(range(0, len(texts), 256), desc="embedding texts", disable=not progress, leave=False)])
+
+
+def embed_pairs(model: TMRModel, dataset: Dataset, progress: bool = False,
+                text_states: dict[str, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(text, molecule) embeddings of every pair of a dataset, in order."""
+    items = [dataset[i] for i in range(len(dataset))]
+    return embed_texts(model, [item.text for item in items], text_states, progress), model.encode_graphs(items)
 
 
 def evaluate(model: TMRModel, splits: Splits, which: str = "select", pools: tuple[str, ...] = ("split", "all"),
              progress: bool = False, text_states: dict[str, torch.Tensor] | None = None) -> dict:
-    """Metrics of one split ("select" or "test") for each requested pool."""
-    dataset, positions = (splits.select, splits.select_positions) if which == "select" else (splits.test, splits.test_positions)
+    """Metrics of one split ("select" or "test") for each requested pool.
+
+    "split": within the split's own pairs. "all": Text2Mol's protocol, each text against every
+    molecule of `splits.candidates` (molecules.tsv, 33,010 for ChEBI-20) or, without that file,
+    of every split present; each molecule against every text present.
+    """
+    dataset, positions, candidate_gold = splits.queries(which)
+    text, molecule = embed_pairs(model, dataset, progress, text_states)
+    out = {}
+    if "split" in pools:
+        out["split"] = retrieval_metrics(text, molecule)
     if "all" in pools:
-        embedded = [embed_pairs(model, d, progress, text_states) for d in splits.pool]
-        text, molecule = torch.cat([t for t, _ in embedded]), torch.cat([m for _, m in embedded])
-        out = {pool: retrieval_metrics(text, molecule, positions, pool) for pool in pools}
-    else:
-        text, molecule = embed_pairs(model, dataset, progress, text_states)
-        out = {"split": retrieval_metrics(text, molecule, None, "all")}
+        all_text = torch.cat([embed_texts(model, d.texts, text_states, progress) for d in splits.pool])
+        if splits.candidates is not None:
+            all_molecules = model.encode_graphs(splits.candidates, progress=progress)
+        else:
+            all_molecules, candidate_gold = torch.cat([model.encode_graphs(d) for d in splits.pool]), positions
+        out["all"] = pool_metrics(text, molecule, all_text, positions, all_molecules, candidate_gold)
     return {"data": splits.label, "split": which, **out}
 
 
@@ -192,17 +250,32 @@ def plot_history(history: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+def epoch_pools(train: TrainConfig, epoch: int) -> tuple[str, ...]:
+    """Every epoch: the split pool (model selection). Every pool_all_every epochs and the last: the full pool too."""
+    every = train.pool_all_every
+    return ("split", "all") if every and (epoch % every == 0 or epoch == train.epochs) else ("split",)
+
+
 def epoch_record(epoch: int, losses: list[float], metrics: dict, seconds: float) -> dict:
+    """One row of the history: the loss and validation MRR (split pool; full pool when it was measured)."""
     split = metrics["split"]
-    return {"epoch": epoch, "train_loss": float(np.mean(losses)) if losses else math.nan, "seconds": seconds,
-            "val_mrr_t2m": split["text_to_molecule"]["mrr"], "val_mrr_m2t": split["molecule_to_text"]["mrr"],
-            "val_mrr": (split["text_to_molecule"]["mrr"] + split["molecule_to_text"]["mrr"]) / 2}
+    record = {"epoch": epoch, "train_loss": float(np.mean(losses)) if losses else math.nan, "seconds": seconds,
+              "val_mrr_t2m": split["text_to_molecule"]["mrr"], "val_mrr_m2t": split["molecule_to_text"]["mrr"],
+              "val_mrr": (split["text_to_molecule"]["mrr"] + split["molecule_to_text"]["mrr"]) / 2}
+    if "all" in metrics:
+        full = metrics["all"]
+        record.update(val_all_mrr_t2m=full["text_to_molecule"]["mrr"], val_all_mrr_m2t=full["molecule_to_text"]["mrr"],
+                      val_all_hits1_t2m=full["text_to_molecule"]["hits@1"],
+                      val_all_pool_t2m=full["text_to_molecule"]["pool"])
+    return record
 
 
-def fit(config: RunConfig, progress: bool = True, on_epoch=None) -> dict:
+def fit(config: RunConfig, progress: bool = True, on_epoch=None, final_pools: tuple[str, ...] = ("split", "all")
+        ) -> dict:
     """Plain one-process training: returns (and writes) the run's metrics; best model in output/best.
 
-    `on_epoch(record, improved)` is called after every epoch (Ray Tune trials report through it).
+    `on_epoch(record, improved)` is called after every epoch (Ray Tune trials report through it);
+    `final_pools` are the pools the best model is scored on at the end (sweeps score the winner's once).
     """
     train = config.train
     seed_everything(train.seed)
@@ -211,14 +284,13 @@ def fit(config: RunConfig, progress: bool = True, on_epoch=None) -> dict:
     dump_config(config, out / "config.json")
     splits = load_splits(resolve_data_root(config.data), max_train_pairs=train.max_train_pairs, seed=train.seed)
     model = create_model(config.model)
-    model.logit_scale.requires_grad_(config.loss.first_order == "infonce")
+    model.logit_scale.requires_grad_(config.loss.first_order in ("infonce", "both"))
     criterion = AlignmentLoss(config.loss)
     discriminator = Discriminator(config.model.embed_dim)
     d_opt = torch.optim.Adam(discriminator.parameters(), lr=config.loss.discriminator_lr, betas=(0.5, 0.9))
     collator = make_collator(model, config, splits, progress)
     loader = make_loader(splits.fit, collator, train.batch_size, shuffle=True, seed=train.seed)
-    optimizer = torch.optim.Adam(parameter_groups(model, train))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_linear(train.warmup_steps, train.epochs * len(loader)))
+    optimizer, scheduler = make_optimizer(model, train, train.epochs * len(loader))
     history, best = [], -1.0
     for epoch in range(1, train.epochs + 1):
         started, losses = time.time(), []
@@ -234,7 +306,8 @@ def fit(config: RunConfig, progress: bool = True, on_epoch=None) -> dict:
             if config.loss.adversarial_weight > 0:
                 critic_update(discriminator, d_opt, outputs, config.loss.gradient_penalty_weight)
             losses.append(terms["loss"].item())
-        metrics = evaluate(model, splits, pools=("split",), text_states=collator.text_states)
+        recalibrate_norm(model, loader, train.recalibrate_batches)
+        metrics = evaluate(model, splits, pools=epoch_pools(train, epoch), text_states=collator.text_states)
         record = epoch_record(epoch, losses, metrics, time.time() - started)
         history.append(record)
         log.info("epoch %d: loss %.4f, val MRR t2m %.2f m2t %.2f", epoch, record["train_loss"],
@@ -247,9 +320,11 @@ def fit(config: RunConfig, progress: bool = True, on_epoch=None) -> dict:
             on_epoch(record, improved)
     best_model = TMRModel.from_pretrained(out / "best")
     result = {"history": history, "best_epoch": max(history, key=lambda h: h["val_mrr"])["epoch"],
-              "validation": evaluate(best_model, splits, progress=progress, text_states=collator.text_states)}
+              "validation": evaluate(best_model, splits, pools=final_pools, progress=progress,
+                                     text_states=collator.text_states)}
     if splits.test is not None:
-        result["test"] = evaluate(best_model, splits, "test", progress=progress, text_states=collator.text_states)
+        result["test"] = evaluate(best_model, splits, "test", pools=final_pools, progress=progress,
+                                  text_states=collator.text_states)
     (out / "metrics.json").write_text(json.dumps(result, indent=2))
     plot_history(history, out / "curves.png")
     return result

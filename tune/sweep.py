@@ -25,7 +25,7 @@ from ray import tune
 from tmr.atomic import atomic_directory
 from tmr.config import load_config
 from tmr.data import resolve_data_root
-from tmr.distributed import init_ray
+from tmr.distributed import evaluate_model, init_ray
 
 DISTRIBUTIONS = {"choice": tune.choice, "uniform": lambda b: tune.uniform(*b), "loguniform": lambda b: tune.loguniform(*b),
                  "randint": lambda b: tune.randint(*b)}
@@ -58,7 +58,7 @@ def run_trial(params: dict, base: str, overrides: list[str], data: str, threads:
         checkpoint = tune.Checkpoint.from_directory(Path(config.output) / "best") if improved else None
         tune.report(metrics, checkpoint=checkpoint)
 
-    fit(config, progress=False, on_epoch=report)
+    fit(config, progress=False, on_epoch=report, final_pools=("split",))  # the winner alone gets the full pool
 
 
 def trial_table(results, space_keys: list[str]) -> list[dict]:
@@ -92,7 +92,7 @@ def plot(rows: list[dict], space_keys: list[str], max_epochs: int, path: Path) -
         ax.set(xlabel=key.split(".")[-1], ylabel="best val MRR (%)")
     for r in done:
         axes[-1].plot(range(1, len(r["curve"]) + 1), r["curve"], color="tab:blue" if r["epochs"] >= max_epochs else "tab:red")
-    axes[-1].set(xlabel="epoch", ylabel="val MRR (%)", title="trials (red: stopped by ASHA)")
+    axes[-1].set(xlabel="epoch", ylabel="val MRR (%)", title="trials (red: stopped before the last epoch)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -144,7 +144,11 @@ def sweep(space_file: str, out: str, trials: int | None = None, resume: bool = F
     checkpoint = best.get_best_checkpoint(metric, "max")
     with atomic_directory(out_dir / "best_model") as staging:
         checkpoint.to_directory(str(staging))
+    best_config = load_config(base, overrides + [f"{k}={v}" for k, v in best.config.items()])
+    best_config.data = data
+    full_pool = evaluate_model(str(out_dir / "best_model"), best_config)
     summary = {"best_trial": Path(best.path).name, "best_val_mrr": rows[0]["best_val_mrr"],
+               "best_validation": full_pool,
                "best_params": {k: best.config[k] for k in keys}, "base": base, "overrides": overrides,
                "trials": len(rows), "stopped_early": sum(r["epochs"] < max_epochs for r in rows if r["error"] is None),
                "best_model": str(out_dir / "best_model")}

@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -21,7 +21,7 @@ from torch_geometric.data import Batch, InMemoryDataset
 from tqdm.auto import tqdm
 
 from tmr.data.featurize import InvalidMolecule, featurize
-from tmr.data.sources import CACHE, available_splits, read_pairs
+from tmr.data.sources import CACHE, CANDIDATE_POOL, available_splits, read_pairs
 
 log = logging.getLogger("tmr.data")
 FEATURE_VERSION = "1"  # bump when featurize() changes, so caches are rebuilt
@@ -117,10 +117,22 @@ class Splits:
     fit: Dataset
     select: Dataset
     test: Dataset | None
-    pool: list[MoleculeTextDataset]  # every pair of every split present: Text2Mol's candidate pool
+    pool: list[MoleculeTextDataset]  # every pair of every split present: the molecule -> text pool
     select_positions: torch.Tensor  # where the select set sits in the concatenated pool
     test_positions: torch.Tensor | None
     label: str  # "ChEBI-20" or "provisional (validation re-split)"
+    # Text2Mol's text -> molecule pool (molecules.tsv: all 33,010 ChEBI-20 molecules); None without
+    # that file (the molecules of the splits present are the pool instead)
+    candidates: MoleculeTextDataset | None = None
+    # every split that can be evaluated: name -> (pairs, positions in the text pool, positions of their
+    # molecules in `candidates` or None); "select" is what runs select on
+    query_sets: dict = field(default_factory=dict)
+
+    def queries(self, which: str) -> tuple[Dataset, torch.Tensor, torch.Tensor | None]:
+        """(pairs, their positions in the pool, their molecules' positions in `candidates`)."""
+        if which not in self.query_sets:
+            raise ValueError(f"no {which!r} split in {self.label} (present: {sorted(self.query_sets)})")
+        return self.query_sets[which]
 
 
 def _offsets(datasets: list[MoleculeTextDataset]) -> list[int]:
@@ -161,4 +173,26 @@ def load_splits(root: str | Path, cache_dir: str | Path | None = None, max_train
         fit = Subset(fit, keep.sort().values.tolist())
     test = loaded.get("test")
     test_positions = offset["test"] + torch.arange(len(test)) if test is not None else None
-    return Splits(fit, select, test, pool, select_positions, test_positions, label)
+    splits = Splits(fit, select, test, pool, select_positions, test_positions, label)
+    named = {"select": (select, select_positions)}
+    named.update({name: (loaded[name], offset[name] + torch.arange(len(loaded[name]))) for name in offset})
+    where = None
+    if (Path(root) / CANDIDATE_POOL).exists():
+        splits.candidates = MoleculeTextDataset(Path(root) / CANDIDATE_POOL, cache_dir, require_text=False)
+        where = {cid: i for i, cid in enumerate(splits.candidates.ids)}
+    for name, (dataset, positions) in named.items():
+        in_pool = _positions_in_pool(dataset, where, root) if where is not None else None
+        splits.query_sets[name] = (dataset, positions, in_pool)
+    return splits
+
+
+def _positions_in_pool(dataset: Dataset, where: dict[str, int], root: str | Path) -> torch.Tensor:
+    if isinstance(dataset, Subset):
+        ids = [dataset.dataset.ids[i] for i in dataset.indices]
+    else:
+        ids = dataset.ids
+    missing = [cid for cid in ids if cid not in where]
+    if missing:
+        raise ValueError(f"{Path(root) / CANDIDATE_POOL} lacks {len(missing)} evaluated molecule(s) (e.g. CID "
+                         f"{missing[:5]}): it is not the candidate pool of this data; fix or remove it")
+    return torch.tensor([where[cid] for cid in ids])

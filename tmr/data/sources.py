@@ -1,9 +1,14 @@
-"""Where ChEBI-20 comes from: data-root resolution, verified downloads, and reading pair files.
+"""Where the data comes from: data-root and Mol2vec resolution, verified downloads, pair files.
 
 Root resolution order: explicit `--data`, then `$TMR_DATA`, then `../shared/data/chebi20` (beside
 the checkout or the working directory) when present, else the public MolT5 files downloaded into
 `~/.cache/tmr/chebi20` and checked against their sha256 (or git blob sha1 where the sha256 is not
-published yet). A split that is not there is reported, never faked.
+published yet). A split that is not there is reported, never faked. A root may also hold
+`molecules.tsv` (CID, SMILES: all 33,010 ChEBI-20 molecules), Text2Mol's text -> molecule pool.
+
+The Mol2vec table resolves the same way: `model.molecule.mol2vec_path`, `$TMR_MOL2VEC`,
+`../shared/data/mol2vec/tokens.npz`, else Text2Mol's table downloaded, checked against its
+sha256 and converted to a pickle-free npz under `~/.cache/tmr/mol2vec/`.
 """
 
 from __future__ import annotations
@@ -29,10 +34,16 @@ CHECKSUMS = {
 CACHE = Path(os.environ.get("TMR_CACHE", Path.home() / ".cache" / "tmr"))
 
 
-def _shared_candidates() -> list[Path]:
+MOL2VEC_URL = "https://raw.githubusercontent.com/cnedwards/text2mol/master/data/token_embedding_dict.npy"
+MOL2VEC_SHA256 = "da4fe9f0a97db2948abf172cefc483708d718cfdfb558df1ed32e659dd6594a3"  # PROVENANCE.md
+CANDIDATE_POOL = "molecules.tsv"
+
+
+def _shared_candidates(name: str = "chebi20") -> list[Path]:
+    """`../shared/data/<name>` beside the working directory (and beside an editable checkout)."""
     checkout = Path(__file__).resolve().parents[2]
-    return [checkout.parent / "shared/data/chebi20", Path.cwd().parent / "shared/data/chebi20",
-            Path.cwd() / "shared/data/chebi20"]
+    return [Path.cwd().parent / "shared/data" / name, Path.cwd() / "shared/data" / name,
+            checkout.parent / "shared/data" / name]
 
 
 def resolve_data_root(data: str | os.PathLike | None = None, download: bool = True) -> Path:
@@ -55,6 +66,62 @@ def resolve_data_root(data: str | os.PathLike | None = None, download: bool = Tr
             except OSError as error:
                 log.warning("could not download ChEBI-20 %s: %s", split, error)
     return root
+
+
+def resolve_mol2vec(path: str | os.PathLike | None = None, download: bool = True) -> Path:
+    """The Mol2vec `tokens.npz`, by the order in the module docstring."""
+    if path:
+        if not Path(path).expanduser().is_file():
+            raise FileNotFoundError(f"Mol2vec table {path} does not exist")
+        return Path(path).expanduser().resolve()
+    if os.environ.get("TMR_MOL2VEC"):
+        return resolve_mol2vec(os.environ["TMR_MOL2VEC"])
+    for candidate in _shared_candidates("mol2vec"):
+        if (candidate / "tokens.npz").is_file():
+            return (candidate / "tokens.npz").resolve()
+    target = CACHE / "mol2vec" / "tokens.npz"
+    if not target.exists():
+        if not download:
+            raise FileNotFoundError("no Mol2vec table: set model.molecule.mol2vec_path or $TMR_MOL2VEC")
+        log.info("downloading Text2Mol's Mol2vec table from %s", MOL2VEC_URL)
+        with urllib.request.urlopen(MOL2VEC_URL, timeout=120) as response:
+            data = response.read()
+        if file_digest(data, "sha256") != MOL2VEC_SHA256:
+            raise OSError(f"Mol2vec table: sha256 mismatch (expected {MOL2VEC_SHA256}); not saved")
+        convert_text2mol_table(data, target)
+    return target
+
+
+def convert_text2mol_table(data: bytes, target: Path) -> Path:
+    """Text2Mol's `token_embedding_dict.npy` (a pickled {identifier: vector} dict) -> tokens.npz.
+
+    The pickle is read by an unpickler that admits numpy arrays and nothing else, then written as
+    plain arrays (`keys`, `vectors`) that load without pickle; atomically.
+    """
+    import io
+    import pickle
+
+    import numpy as np
+
+    class ArraysOnly(pickle.Unpickler):
+        def find_class(self, module: str, name: str):
+            if module.split(".")[0] == "numpy" and name in ("_reconstruct", "ndarray", "dtype", "scalar"):
+                return super().find_class(module, name)
+            raise pickle.UnpicklingError(f"refusing to load {module}.{name} from the Mol2vec table")
+
+    stream = io.BytesIO(data)
+    version = np.lib.format.read_magic(stream)
+    read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    read_header(stream)  # an object array: the pickle follows the header
+    table = ArraysOnly(stream).load()
+    table = table.item() if isinstance(table, np.ndarray) else table
+    keys = [str(k) for k in table]
+    vectors = np.stack([np.asarray(table[k], dtype=np.float32).reshape(-1) for k in table])
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.with_name(f".{target.stem}.{os.getpid()}.npz")
+    np.savez(partial, keys=np.array(keys), vectors=vectors)
+    partial.replace(target)
+    return target
 
 
 def file_digest(data: bytes, kind: str) -> str:

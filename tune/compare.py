@@ -1,0 +1,132 @@
+"""The README's results table: runs (a preset plus overrides) x seeds, as one Ray Tune grid.
+
+    python tune/compare.py --runs tune/runs_cpu.yaml --seeds 42 43 44 --out results/quality
+
+Each (run, seed) is one trial: tmr's training loop on the provisional re-split (or the real split
+when train.txt exists), its best epoch by validation MRR scored on the select set with both
+pools. Trials run side by side, one CPU each. Out, under --out: quality.json (every trial's
+metrics, and per run the mean and sample standard deviation over seeds) and quality.md (the
+table as the README shows it, with the command that made it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+from pathlib import Path
+
+import yaml
+from ray import tune
+
+from tmr.config import load_config
+from tmr.data import resolve_data_root
+from tmr.distributed import init_ray
+
+# (key in the flattened metrics, column title); "split" = the select set's own pool, "all" = Text2Mol's pool
+COLUMNS = [
+    ("split.text_to_molecule.hits@1", "T→M H@1"), ("split.text_to_molecule.hits@10", "T→M H@10"),
+    ("split.text_to_molecule.mrr", "T→M MRR"), ("split.molecule_to_text.hits@1", "M→T H@1"),
+    ("split.molecule_to_text.hits@10", "M→T H@10"), ("split.molecule_to_text.mrr", "M→T MRR"),
+    ("all.text_to_molecule.hits@1", "T→M H@1 (all)"), ("all.text_to_molecule.hits@10", "T→M H@10 (all)"),
+    ("all.text_to_molecule.mrr", "T→M MRR (all)"), ("all.text_to_molecule.mean_rank", "T→M mean rank (all)"),
+]
+
+
+def flatten(metrics: dict, prefix: str = "") -> dict[str, float]:
+    out = {}
+    for key, value in metrics.items():
+        if isinstance(value, dict):
+            out.update(flatten(value, f"{prefix}{key}."))
+        elif isinstance(value, (int, float)):
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def run_one(params: dict, runs: dict, data: str, threads: int) -> None:
+    import time
+
+    import torch
+
+    from tmr.train import fit
+
+    torch.set_num_threads(threads)
+    spec = runs[params["run"]]
+    config = load_config(spec.get("preset", "cpu"), list(spec.get("overrides", [])) + [f"train.seed={params['seed']}"])
+    config.data = data
+    config.output = str(Path(tune.get_context().get_trial_dir()) / "run")
+    started = time.time()
+    result = fit(config, progress=False)
+    metrics = flatten(result["validation"])
+    metrics.update(best_epoch=result["best_epoch"], seconds=time.time() - started)
+    tune.report(metrics)
+
+
+def summarise(rows: list[dict]) -> dict:
+    by_run: dict[str, list[dict]] = {}
+    for row in rows:
+        by_run.setdefault(row["run"], []).append(row)
+    summary = {}
+    for run, trials in by_run.items():
+        summary[run] = {"seeds": [t["seed"] for t in trials]}
+        for key, _ in COLUMNS + [("seconds", "")]:
+            values = [t[key] for t in trials if key in t]
+            if values:
+                spread = statistics.stdev(values) if len(values) > 1 else 0.0
+                summary[run][key] = {"mean": statistics.fmean(values), "std": spread}
+    return summary
+
+
+def markdown(summary: dict, runs: dict, command: str) -> str:
+    lines = ["| run | " + " | ".join(title for _, title in COLUMNS) + " | minutes |",
+             "|---" * (len(COLUMNS) + 2) + "|"]
+    for run, stats in summary.items():
+        cells = [f"{stats[k]['mean']:.1f} ± {stats[k]['std']:.1f}" if k in stats else "–" for k, _ in COLUMNS]
+        minutes = stats["seconds"]["mean"] / 60 if "seconds" in stats else float("nan")
+        lines.append(f"| {runs[run].get('title', run)} | " + " | ".join(cells) + f" | {minutes:.1f} |")
+    return "\n".join(lines) + f"\n\nMean ± sample standard deviation over seeds {summary and next(iter(summary.values()))['seeds']}; `{command}`\n"
+
+
+def compare(runs_file: str, seeds: list[int], out: str, only: list[str] | None = None, threads: int = 1) -> dict:
+    runs = yaml.safe_load(Path(runs_file).read_text())["runs"]
+    if only:
+        runs = {name: spec for name, spec in runs.items() if name in only}
+    data = str(resolve_data_root(None))
+    out_dir = Path(out).resolve()
+    trainable = tune.with_resources(tune.with_parameters(run_one, runs=runs, data=data, threads=threads),
+                                    {"cpu": threads})
+    tuner = tune.Tuner(trainable,
+                       param_space={"run": tune.grid_search(list(runs)), "seed": tune.grid_search(seeds)},
+                       run_config=tune.RunConfig(name="compare", storage_path=str(out_dir)))
+    results = tuner.fit()
+    rows = []
+    for result in results:
+        row = {"run": result.config["run"], "seed": result.config["seed"], **(result.metrics or {})}
+        if result.error is not None:
+            row["error"] = str(result.error)
+        rows.append(row)
+    summary = summarise([r for r in rows if "error" not in r])
+    command = "python tune/compare.py " + " ".join(sys.argv[1:])
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "quality.json").write_text(json.dumps({"command": command, "trials": rows, "summary": summary}, indent=2))
+    (out_dir / "quality.md").write_text(markdown(summary, runs, command))
+    return summary
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--runs", default=str(Path(__file__).with_name("runs_cpu.yaml")))
+    parser.add_argument("--seeds", type=int, nargs="+", default=[42, 43, 44])
+    parser.add_argument("--only", nargs="*", help="names of runs from --runs (default: all)")
+    parser.add_argument("--out", default="results/quality")
+    parser.add_argument("--num-cpus", type=int, default=os.cpu_count())
+    args = parser.parse_args()
+    init_ray(args.num_cpus, object_store_mib=256)
+    compare(args.runs, args.seeds, args.out, args.only)
+    print((Path(args.out) / "quality.md").read_text())
+
+
+if __name__ == "__main__":
+    main()

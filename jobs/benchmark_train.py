@@ -58,7 +58,7 @@ def prepare(config, rank: int = 0, world_size: int = 1):
 def deepspeed_worker(loop_config: dict) -> None:
     import ray.train
 
-    from tmr.distributed import build_engine
+    from tmr.distributed import build_engine, engine_backward
     from tmr.losses import AlignmentLoss
 
     config = config_from_dict(loop_config["run"])
@@ -72,7 +72,7 @@ def deepspeed_worker(loop_config: dict) -> None:
 
     def step(batch):
         terms = criterion(engine(batch), critic, engine.module.logit_scale)
-        engine.backward(terms["loss"])
+        engine_backward(engine, terms["loss"], world)
         engine.step()
 
     engine.train()

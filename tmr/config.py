@@ -75,6 +75,7 @@ class TrainConfig:
     text_lr: float = 3e-5
     weight_decay: float = 0.0
     optimizer: str = "adam"  # "adam" or "adamw"
+    gradient_clipping: float = 0.0  # max global gradient norm; 0: none (method.md clips nothing)
     schedule: str = "linear"  # "linear" (warm-up, then linear decay) or "onecycle"
     warmup_steps: int = 1000  # linear schedule; onecycle warms up over its first 30% of steps
     seed: int = 42

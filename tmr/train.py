@@ -301,6 +301,8 @@ def fit(config: RunConfig, progress: bool = True, on_epoch=None, final_pools: tu
             terms = criterion(outputs, discriminator, model.logit_scale)
             optimizer.zero_grad(set_to_none=True)
             terms["loss"].backward()
+            if train.gradient_clipping > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), train.gradient_clipping)
             optimizer.step()
             scheduler.step()
             if config.loss.adversarial_weight > 0:

@@ -25,7 +25,7 @@ from tmr.config import RunConfig, TrainConfig, dump_config
 from tmr.data import PairCollator, Splits, load_splits, resolve_data_root
 from tmr.losses import AlignmentLoss, Discriminator, critic_loss
 from tmr.metrics import pool_metrics, retrieval_metrics
-from tmr.model import TMRModel, create_model
+from tmr.model import ModalityBatchNorm, TMRModel, create_model
 
 log = logging.getLogger("tmr.train")
 
@@ -159,8 +159,6 @@ def recalibrate_norm(model: TMRModel, loader: DataLoader, max_batches: int) -> N
     eval mode; under Ray Train the statistics are global (ModalityBatchNorm all-reduces), so every
     worker ends with the same buffers. Every worker must pass the same number of batches.
     """
-    from tmr.model import ModalityBatchNorm
-
     norm = getattr(getattr(model, "head", None), "norm", None)
     if not isinstance(norm, ModalityBatchNorm) or max_batches <= 0:
         return

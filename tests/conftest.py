@@ -40,3 +40,15 @@ def train_root(tmp_path_factory, chebi_root) -> Path:
     (root / "train.txt").write_text("\n".join([header] + rows[:300]) + "\n", encoding="utf-8")
     (root / "validation.txt").write_text("\n".join([header] + rows[300:400]) + "\n", encoding="utf-8")
     return root
+
+
+@pytest.fixture(scope="module")
+def local_ray(request):
+    """A local 2-CPU Ray for one test module; Ray workers cannot import test modules, so the
+    module's functions (train loops defined there) are pickled by value."""
+    import ray
+
+    ray.init(address="local", num_cpus=2, object_store_memory=200 * 1024**2, include_dashboard=False)
+    ray.cloudpickle.register_pickle_by_value(request.module)
+    yield
+    ray.shutdown()

@@ -6,10 +6,8 @@ Shorter texts and a handful of pairs keep it to a few CPU steps; every other set
 """
 
 import json
-import sys
 
 import pytest
-import ray
 import torch
 from transformers import AutoTokenizer, BertConfig, BertModel
 
@@ -35,14 +33,6 @@ def scibert_shaped(tmp_path_factory):
     BertModel(BertConfig(vocab_size=SCIBERT_VOCAB, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
                          intermediate_size=3072)).save_pretrained(directory)
     return directory
-
-
-@pytest.fixture(scope="module")
-def local_ray():
-    ray.init(address="local", num_cpus=2, object_store_memory=200 * 1024**2, include_dashboard=False)
-    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
-    yield
-    ray.shutdown()
 
 
 def test_paper_preset_trains_through_ray_train_and_deepspeed(local_ray, tmp_path, train_root, scibert_shaped):

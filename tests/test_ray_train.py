@@ -1,10 +1,7 @@
 """Ray Train + DeepSpeed on CPU: 2 workers equal 1 process, a killed worker resumes, re-runs resume."""
 
 import json
-import sys
 
-import pytest
-import ray
 import torch
 
 from tmr.config import load_config
@@ -12,15 +9,6 @@ from tmr.distributed import train_with_ray
 from tmr.model import from_pretrained
 
 GLOBAL_BATCH = 16
-
-
-@pytest.fixture(scope="module")
-def local_ray():
-    ray.init(address="local", num_cpus=2, object_store_memory=200 * 1024**2, include_dashboard=False)
-    # the worker functions below live in this test module, which Ray workers cannot import
-    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
-    yield
-    ray.shutdown()
 
 
 def fixed_batch_step(loop_config: dict) -> None:

@@ -1,11 +1,15 @@
 """Ray job: embed a molecule library (or a text corpus) with a trained model into an index directory.
 
     python jobs/index.py --model runs/cpu/best --out runs/index/molecules              # ChEBI-20 (all splits present)
-    python jobs/index.py --model runs/cpu/best --library my_library.sdf --index hnsw --out runs/index/mine
+    python jobs/index.py --model runs/cpu/best --library ../shared/data/moses/train.csv.gz --limit 1000000 \\
+        --index hnsw --actors 2 --out runs/index/moses_1m
     python jobs/index.py --model runs/cpu/best --kind text --out runs/index/texts      # ChEBI-20 descriptions
 
-Embedding runs in parallel with Ray Data (map_batches over model actors, with a progress bar);
-SMILES are canonicalised, duplicates by InChIKey dropped, unparsable rows reported and skipped.
+Libraries: SMILES / CSV / TSV (an id column, else the row number) or SDF, each optionally .gz.
+Work is cut into chunks embedded in parallel by Ray Data actors (`--actors`, `--threads` each) with
+a progress bar and ETA; finished chunks are kept under `<out>.partial/`, so a killed build run
+again with the same arguments continues where it stopped (tmr/library.py). SMILES are
+canonicalised, duplicates by InChIKey dropped, unparsable rows reported and skipped.
 """
 
 from __future__ import annotations
@@ -15,13 +19,12 @@ import json
 import logging
 import os
 import tempfile
-import time
 from pathlib import Path
-
 
 from tmr.data import available_splits, resolve_data_root
 from tmr.distributed import init_ray
-from tmr.index import embed_rows, read_library, write_index
+from tmr.index import INDEX_TYPES
+from tmr.library import build_index, recall_queries
 
 
 def chebi_library(data: str | None) -> Path:
@@ -42,25 +45,29 @@ def chebi_library(data: str | None) -> Path:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="model directory (runs/<name>/best)")
-    parser.add_argument("--library", help="SMILES / TSV / CSV / SDF; default: ChEBI-20, every split present")
+    parser.add_argument("--library", help="SMILES / CSV / TSV / SDF, optionally .gz; default: ChEBI-20, every split present")
+    parser.add_argument("--limit", type=int, help="index only the first N rows of the library")
     parser.add_argument("--data", help="ChEBI-20 data root (for the default library)")
     parser.add_argument("--kind", default="molecule", choices=["molecule", "text"])
-    parser.add_argument("--index", default="exact", choices=["exact", "hnsw"])
+    parser.add_argument("--index", default="exact", choices=INDEX_TYPES,
+                        help="approximate ones get efSearch / nprobe chosen for recall@10 >= --recall-target")
+    parser.add_argument("--recall-target", type=float, default=0.95)
     parser.add_argument("--dtype", default="float32", choices=["float32", "float16"])
     parser.add_argument("--out", required=True)
+    parser.add_argument("--chunk-size", type=int, default=10_000, help="rows per resumable chunk")
     parser.add_argument("--actors", type=int, default=1, help="model replicas embedding in parallel")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (and CPUs reserved) per actor")
     parser.add_argument("--num-cpus", type=int, default=os.cpu_count())
+    parser.add_argument("--no-ray", action="store_true", help="embed in this process (no Ray)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    init_ray(args.num_cpus)
+    if not args.no_ray:
+        init_ray(args.num_cpus)
     library = Path(args.library) if args.library else chebi_library(args.data)
-    rows = read_library(library, args.kind)
-    started = time.time()
-    embeddings = embed_rows(args.model, rows, args.kind, concurrency=args.actors)
-    seconds = time.time() - started
-    manifest = write_index(args.out, embeddings, rows, args.kind, args.model, args.index, args.dtype)
-    manifest["embed_seconds"] = seconds
-    manifest["items_per_second"] = len(rows.ids) / seconds
+    queries = recall_queries(args.model, library, args.kind, args.limit, args.data) if args.index != "exact" else None
+    manifest = build_index(library, args.model, args.out, args.kind, args.index, args.dtype, args.limit,
+                           args.chunk_size, args.actors, args.threads, use_ray=not args.no_ray, queries=queries,
+                           recall_target=args.recall_target)
     print(json.dumps(manifest, indent=2))
 
 

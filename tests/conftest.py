@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import socket
+import sys
 from pathlib import Path
 
 import pytest
@@ -51,4 +53,39 @@ def local_ray(request):
     ray.init(address="local", num_cpus=2, object_store_memory=200 * 1024**2, include_dashboard=False)
     ray.cloudpickle.register_pickle_by_value(request.module)
     yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory, small_root):
+    """The Serve app on loopback over a tiny model and the 120-pair library (molecules and texts),
+    once unsharded at / and once with 2 shards at /sharded; yields (httpx client, directory)."""
+    import httpx
+    import ray
+    from ray import serve
+
+    from tmr.library import build_index
+    from tmr.model import create_model
+
+    repo = Path(__file__).resolve().parents[1]
+    sys.path.insert(0, str(repo))
+    from serve.app import build_app
+
+    root = tmp_path_factory.mktemp("serve")
+    create_model(load_config("tiny").model).save_pretrained(root / "model")
+    library = small_root / "validation.txt"
+    for kind in ("molecule", "text"):
+        build_index(library, root / "model", root / kind, kind, use_ray=False, progress=False)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    ray.init(address="local", num_cpus=4, object_store_memory=200 * 1024**2, include_dashboard=False,
+             runtime_env={"env_vars": {"PYTHONPATH": str(repo)}})
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    args = {"model_dir": str(root / "model"), "molecules": str(root / "molecule"), "texts": str(root / "text")}
+    serve.run(build_app(args), name="one", route_prefix="/")
+    serve.run(build_app({**args, "shards": 2}), name="sharded", route_prefix="/sharded")
+    with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as client:
+        yield client, root
+    serve.shutdown()
     ray.shutdown()

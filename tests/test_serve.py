@@ -1,52 +1,12 @@
 """The Serve app over HTTP on a local Ray: answers equal the library's brute-force search, a sharded
 index answers as the unsharded one, and every client mistake gets its 4xx with the reason."""
 
-import socket
-
-import httpx
 import numpy as np
 import pytest
-import ray
-from ray import serve
 
-from tmr.config import load_config
-from tmr.index import embed_rows, read_library, write_index
-from tmr.model import create_model, from_pretrained
+from tmr.model import from_pretrained
 
 QUERY = "The molecule is a monocarboxylic acid anion obtained by deprotonation of the carboxy group."
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def served(tmp_path_factory, small_root):
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from serve.app import build_app
-
-    root = tmp_path_factory.mktemp("serve")
-    create_model(load_config("tiny").model).save_pretrained(root / "model")
-    library = small_root / "validation.txt"
-    for kind in ("molecule", "text"):
-        rows = read_library(library, kind)
-        write_index(root / kind, embed_rows(root / "model", rows, kind, use_ray=False), rows, kind, root / "model")
-    port = free_port()
-    ray.init(address="local", num_cpus=4, object_store_memory=200 * 1024**2, include_dashboard=False,
-             runtime_env={"env_vars": {"PYTHONPATH": str(Path(__file__).resolve().parents[1])}})
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    args = {"model_dir": str(root / "model"), "molecules": str(root / "molecule"), "texts": str(root / "text")}
-    serve.run(build_app(args), name="one", route_prefix="/")
-    serve.run(build_app({**args, "shards": 2}), name="sharded", route_prefix="/sharded")
-    with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as client:
-        yield client, root
-    serve.shutdown()
-    ray.shutdown()
 
 
 def brute_force(query: np.ndarray, embeddings: np.ndarray, k: int) -> list[int]:

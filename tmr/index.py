@@ -3,8 +3,9 @@
 An index directory holds
     embeddings.npy     (N, D) float32 or float16, unit norm, row i = metadata row i
     metadata.parquet   id, smiles (canonical), inchikey, name, text
-    index.faiss        faiss index (exact inner product, or HNSW for large libraries)
-    manifest.json      kind, model fingerprint, count, dim, index type, recall@10 of HNSW, created
+    index.faiss        faiss index: exact inner product, HNSW, IVF-flat or IVF-PQ
+    manifest.json      kind, model fingerprint, count, dim, index type, its search parameter chosen
+                       for recall@10 >= 0.95 against exact search on real queries (and the curve)
     skipped.json       rows not indexed, with their id and why
 No pickle anywhere: numpy without objects, parquet, faiss' own format and JSON.
 """
@@ -14,7 +15,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,89 +42,120 @@ class LibraryRows:
     names: list[str]
     texts: list[str]
     skipped: list[tuple[str, str]]
+    id_url: str | None = None  # a link per id ("{id}" filled in): PubChem when the ids are CIDs
 
 
-def read_library(path: str | Path, kind: str = "molecule") -> LibraryRows:
-    """Rows of a SMILES/TSV/CSV/SDF library, canonicalised; duplicates (same InChIKey) and
-    unparsable rows reported in `skipped` and left out."""
-    from rdkit import Chem
-
-    from tmr.data.featurize import InvalidMolecule, parse_smiles
-    from tmr.data.sources import read_pairs
-
-    path = Path(path)
-    if path.suffix.lower() == ".sdf":
-        raw = []
-        for i, mol in enumerate(Chem.SDMolSupplier(str(path))):
-            name = mol.GetProp("_Name") if mol is not None and mol.HasProp("_Name") else ""
-            raw.append((name or str(i), Chem.MolToSmiles(mol) if mol is not None else "", name, ""))
-        skipped: list[tuple[str, str]] = []
-    else:
-        pairs, report = read_pairs(path, require_text=(kind == "text"))
-        raw = [(p.id, p.smiles, getattr(p, "name", "") or "", p.text or "") for p in pairs]
-        skipped = list(report.skipped)
-    rows = LibraryRows([], [], [], [], [], skipped)
-    seen: dict[str, str] = {}
-    for identifier, smiles, name, text in raw:
-        try:
-            parsed = parse_smiles(smiles)
-        except InvalidMolecule as error:
-            rows.skipped.append((identifier, str(error)))
-            continue
-        inchikey = Chem.MolToInchiKey(parsed.mol) or ""
-        if kind == "molecule" and inchikey and inchikey in seen:
-            rows.skipped.append((identifier, f"duplicate of {seen[inchikey]} (InChIKey {inchikey})"))
-            continue
-        seen.setdefault(inchikey, identifier)
-        rows.ids.append(identifier)
-        rows.smiles.append(parsed.canonical_smiles)
-        rows.inchikeys.append(inchikey)
-        rows.names.append(name)
-        rows.texts.append(text)
-    if rows.skipped:
-        log.warning("%s: %d row(s) skipped, e.g. %s", path.name, len(rows.skipped), rows.skipped[:5])
-    return rows
+PUBCHEM_COMPOUND = "https://pubchem.ncbi.nlm.nih.gov/compound/{id}"
 
 
-def build_faiss(embeddings: np.ndarray, kind: str = "exact", hnsw_m: int = 32):
+INDEX_TYPES = ("exact", "hnsw", "ivf", "ivfpq")
+
+
+def build_faiss(embeddings: np.ndarray, kind: str = "exact", params: dict | None = None):
+    """A faiss inner-product index: exact (flat), HNSW (M links), IVF-flat or IVF-PQ (nlist lists,
+    trained on the data), with the search parameters in `params` (efSearch / nprobe) applied."""
     import faiss
 
     data = np.ascontiguousarray(embeddings, dtype=np.float32)
+    dim, params = data.shape[1], dict(params or {})
     if kind == "exact":
-        index = faiss.IndexFlatIP(data.shape[1])
+        index = faiss.IndexFlatIP(dim)
     elif kind == "hnsw":
-        index = faiss.IndexHNSWFlat(data.shape[1], hnsw_m, faiss.METRIC_INNER_PRODUCT)
-        index.hnsw.efConstruction, index.hnsw.efSearch = 80, 128
+        index = faiss.IndexHNSWFlat(dim, int(params.get("M", 32)), faiss.METRIC_INNER_PRODUCT)
+        index.hnsw.efConstruction = int(params.get("efConstruction", 80))
+    elif kind in ("ivf", "ivfpq"):
+        nlist = int(params.get("nlist", max(1, min(4 * int(np.sqrt(len(data))), len(data) // 39))))
+        quantizer = faiss.IndexFlatIP(dim)
+        if kind == "ivf":
+            index = faiss.IndexIVFFlat(quantizer, dim, nlist, faiss.METRIC_INNER_PRODUCT)
+        else:  # dim / 4 sub-quantisers of 8 bits: 1 byte per 4 dimensions
+            index = faiss.IndexIVFPQ(quantizer, dim, nlist, int(params.get("pq_m", dim // 4)), 8, faiss.METRIC_INNER_PRODUCT)
+        sample = data[np.random.default_rng(0).choice(len(data), min(len(data), 256 * nlist), replace=False)]
+        index.train(sample)
     else:
-        raise ValueError(f"unknown index type {kind!r}; use 'exact' or 'hnsw'")
+        raise ValueError(f"unknown index type {kind!r}; use one of {INDEX_TYPES}")
     index.add(data)
+    set_search_params(index, kind, params)
     return index
 
 
-def recall_at_10(index, embeddings: np.ndarray, queries: int = 1000, seed: int = 0) -> float:
-    """Share of the exact top 10 that the (approximate) index returns, for library items as queries."""
-    rng = np.random.default_rng(seed)
-    picked = np.ascontiguousarray(embeddings[rng.choice(len(embeddings), min(queries, len(embeddings)), replace=False)],
-                                  dtype=np.float32)
-    exact = np.argsort(-(picked @ embeddings.astype(np.float32).T), axis=1)[:, :10]
-    _, approx = index.search(picked, 10)
+def set_search_params(index, kind: str, params: dict) -> None:
+    if kind == "hnsw":
+        index.hnsw.efSearch = int(params.get("efSearch", 128))
+    elif kind in ("ivf", "ivfpq"):
+        index.nprobe = int(params.get("nprobe", 8))
+
+
+def exact_top_k(queries: np.ndarray, embeddings: np.ndarray, k: int = 10, block: int = 256) -> np.ndarray:
+    """Exact top-k rows by inner product (numpy in query blocks: bounded memory at 1M rows)."""
+    embeddings = np.asarray(embeddings, dtype=np.float32)
+    out = []
+    for start in range(0, len(queries), block):
+        scores = queries[start:start + block].astype(np.float32) @ embeddings.T
+        top = np.argpartition(-scores, min(k, scores.shape[1] - 1), axis=1)[:, :k]
+        order = np.argsort(-np.take_along_axis(scores, top, 1), axis=1)
+        out.append(np.take_along_axis(top, order, 1))
+    return np.concatenate(out)
+
+
+def recall_at_10(index, queries: np.ndarray, exact: np.ndarray) -> float:
+    """Share of the exact top 10 that the index returns, averaged over the queries."""
+    _, approx = index.search(np.ascontiguousarray(queries, dtype=np.float32), 10)
     return float(np.mean([len(set(a) & set(e)) / 10 for a, e in zip(approx, exact)]))
 
 
+def tune_search(index, kind: str, embeddings: np.ndarray, queries: dict[str, np.ndarray], target: float = 0.95) -> dict:
+    """The smallest efSearch (HNSW) or nprobe (IVF) at which recall@10 against exact search
+    reaches `target` for every query set; returns the parameters and the recall curve."""
+    exact = {name: exact_top_k(q, embeddings) for name, q in queries.items() if len(q)}
+    if kind == "hnsw":
+        name, values = "efSearch", [16, 32, 64, 128, 256, 512, 1024, 2048]
+    else:
+        name, values = "nprobe", [v for v in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512) if v < index.nlist] + [index.nlist]
+    curve = []
+    for value in values:
+        set_search_params(index, kind, {name: value})
+        recalls = {q: recall_at_10(index, queries[q], e) for q, e in exact.items()}
+        curve.append({name: value, **recalls})
+        if min(recalls.values()) >= target:
+            break
+    chosen = curve[-1]
+    log.info("%s: %s=%d gives recall@10 %s", kind, name, chosen[name], {q: round(r, 4) for q, r in chosen.items() if q != name})
+    return {"search_params": {name: chosen[name]}, "recall_at_10": {q: r for q, r in chosen.items() if q != name},
+            "recall_curve": curve, "recall_target": target}
+
+
+def memory_per_million(dim: int) -> dict:
+    """Bytes of vectors per million molecules: fp32, fp16 and PQ codes (dim / 4 bytes)."""
+    return {"fp32": dim * 4 * 10**6, "fp16": dim * 2 * 10**6, "pq": dim // 4 * 10**6}
+
+
 def write_index(out: str | Path, embeddings: np.ndarray, rows: LibraryRows, kind: str, model_dir: str | Path,
-                index_type: str = "exact", dtype: str = "float32") -> dict:
-    """Write an index directory atomically; returns its manifest."""
+                index_type: str = "exact", dtype: str = "float32", extra: dict | None = None,
+                queries: dict[str, np.ndarray] | None = None, recall_target: float = 0.95) -> dict:
+    """Write an index directory atomically; returns its manifest (with `extra` fields added).
+
+    An approximate index gets its search parameter chosen here: the smallest that reaches
+    `recall_target` recall@10 against exact search on `queries` (name -> unit vectors; default:
+    1,000 library items), written into the manifest with the whole recall curve."""
     import faiss
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    started = time.time()
     index = build_faiss(embeddings, index_type)
     manifest = {"kind": kind, "model": str(Path(model_dir).resolve()), "model_fingerprint": model_fingerprint(model_dir),
                 "count": int(len(embeddings)), "dim": int(embeddings.shape[1]), "index": index_type, "dtype": dtype,
+                "id_url": rows.id_url, **(extra or {}), "memory_per_million_bytes": memory_per_million(embeddings.shape[1]),
                 "skipped": len(rows.skipped), "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     if index_type != "exact":
-        manifest["recall_at_10"] = recall_at_10(index, embeddings)
-        log.info("%s index recall@10 against exact search: %.4f", index_type, manifest["recall_at_10"])
+        if not queries:
+            rng = np.random.default_rng(0)
+            queries = {"library_items": embeddings[rng.choice(len(embeddings), min(1000, len(embeddings)), replace=False)]}
+        manifest.update(tune_search(index, index_type, embeddings, queries, recall_target))
+        if "nlist" in dir(index):
+            manifest["search_params"]["nlist"] = int(index.nlist)
+    manifest["index_build_seconds"] = round(time.time() - started, 2)
     with atomic_directory(out) as staging:
         np.save(staging / "embeddings.npy", embeddings.astype(dtype))
         pq.write_table(pa.table({"id": rows.ids, "smiles": rows.smiles, "inchikey": rows.inchikeys, "name": rows.names,
@@ -151,8 +182,9 @@ class RetrievalIndex:
         self.rows = np.arange(shard, len(embeddings), num_shards)  # global row numbers held here
         if num_shards == 1:
             self.index = faiss.read_index(str(directory / "index.faiss"))
+            set_search_params(self.index, self.manifest["index"], self.manifest.get("search_params", {}))
         else:
-            self.index = build_faiss(embeddings[self.rows], self.manifest["index"])
+            self.index = build_faiss(embeddings[self.rows], self.manifest["index"], self.manifest.get("search_params"))
         self.metadata = {k: [v[i] for i in self.rows] for k, v in metadata.items()}
 
     def __len__(self) -> int:
@@ -175,42 +207,3 @@ def merge_top_k(results: list[tuple[np.ndarray, np.ndarray]], k: int) -> tuple[n
     rows = np.concatenate([r for _, r in results], axis=1)
     order = np.lexsort((rows, -scores), axis=1)[:, :k]
     return np.take_along_axis(scores, order, 1), np.take_along_axis(rows, order, 1)
-
-
-def embed_rows(model_dir: str | Path, rows: LibraryRows, kind: str, batch_size: int = 256, use_ray: bool = True,
-               concurrency: int = 1) -> np.ndarray:
-    """Embeddings of the rows, with Ray Data `map_batches` (a progress bar per stage) or in-process."""
-    column = "smiles" if kind == "molecule" else "text"
-    values = rows.smiles if kind == "molecule" else rows.texts
-    if not use_ray:
-        return _Embedder(str(model_dir), kind)({column: np.array(values, dtype=object)})["embedding"]
-    import ray.data
-
-    dataset = ray.data.from_items([{column: v, "position": i} for i, v in enumerate(values)])
-    embedded = dataset.map_batches(_Embedder, fn_constructor_args=(str(model_dir), kind), batch_size=batch_size,
-                                   concurrency=concurrency, batch_format="numpy")
-    batches = list(embedded.iter_batches(batch_size=None, batch_format="numpy"))
-    positions = np.concatenate([b["position"] for b in batches])
-    vectors = np.concatenate([np.stack(b["embedding"]) for b in batches])
-    out = np.empty_like(vectors)
-    out[positions] = vectors
-    return out
-
-
-class _Embedder:
-    """Ray Data callable class: loads the model once per actor, embeds a batch of SMILES or texts."""
-
-    def __init__(self, model_dir: str, kind: str):
-        import torch
-
-        from tmr.model import from_pretrained
-
-        torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads())))
-        self.model, self.kind = from_pretrained(model_dir), kind
-
-    def __call__(self, batch: dict) -> dict:
-        if self.kind == "molecule":
-            vectors = self.model.encode_molecule([str(s) for s in batch["smiles"]])
-        else:
-            vectors = self.model.encode_text([str(t) for t in batch["text"]])
-        return {**batch, "embedding": vectors.numpy()}

@@ -57,7 +57,11 @@ def morgan_identifiers(mol: Chem.Mol) -> torch.Tensor:
 
 def featurize(smiles: str) -> Data:
     """SMILES -> graph with `x`, `edge_index`, `edge_attr`, `morgan`; raises InvalidMolecule."""
-    parsed = parse_smiles(smiles)
+    return featurize_parsed(parse_smiles(smiles), smiles)
+
+
+def featurize_parsed(parsed: ParsedMolecule, smiles: str) -> Data:
+    """The graph of an already parsed molecule (for callers that need the RDKit molecule too)."""
     try:
         graph = from_rdmol(parsed.mol)
     except ValueError as error:  # a feature value outside PyG's vocabulary (e.g. degree 11)

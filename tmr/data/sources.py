@@ -14,6 +14,7 @@ sha256 and converted to a pickle-free npz under `~/.cache/tmr/mol2vec/`.
 from __future__ import annotations
 
 import csv
+import gzip
 import hashlib
 import logging
 import os
@@ -185,17 +186,25 @@ _SMILES = ("smiles", "canonical_smiles")
 _TEXT = ("description", "text", "caption")
 
 
-def read_pairs(path: str | os.PathLike, require_text: bool = True) -> tuple[list[Pair], ReadReport]:
-    """Read (id, smiles, text) rows from a TSV/CSV with a header, or a bare SMILES-per-line file.
+def open_text(path: str | os.PathLike):
+    """A text file, gunzipped on the fly when its name ends in .gz."""
+    path = Path(path)
+    if path.suffix == ".gz":
+        return gzip.open(path, "rt", newline="", encoding="utf-8")
+    return open(path, newline="", encoding="utf-8")
 
-    Rows with no SMILES (or, when `require_text`, no text) are reported and skipped; SMILES are
-    checked later, by featurisation.
+
+def read_pairs(path: str | os.PathLike, require_text: bool = True, limit: int | None = None) -> tuple[list[Pair], ReadReport]:
+    """Read (id, smiles, text) rows from a TSV/CSV with a header, or a bare SMILES-per-line file
+    (SMILES, then an optional id after a tab, comma or space), gzipped or not; the first `limit`
+    rows when given. Rows with no SMILES (or, when `require_text`, no text) are reported and
+    skipped; SMILES are checked later, by featurisation. Rows without an id get `row<N>`.
     """
     path = Path(path)
     report = ReadReport(str(path))
-    with open(path, newline="", encoding="utf-8") as handle:
+    with open_text(path) as handle:
         head = handle.readline()
-        delimiter = "\t" if "\t" in head else ","
+        delimiter = "\t" if "\t" in head else "," if "," in head else " "
         columns = [c.strip().lower() for c in head.rstrip("\r\n").split(delimiter)]
         has_header = any(c in _SMILES for c in columns)
         handle.seek(0)
@@ -212,6 +221,8 @@ def read_pairs(path: str | os.PathLike, require_text: bool = True) -> tuple[list
         for number, row in enumerate(rows, start=1):
             if not row or not any(cell.strip() for cell in row):
                 continue
+            if limit is not None and report.rows >= limit:
+                break
             report.rows += 1
             get = lambda col: row[col].strip() if col is not None and col < len(row) else ""  # noqa: E731
             pair = Pair(get(id_col) or f"row{number}", get(smiles_col), get(text_col))

@@ -1,0 +1,113 @@
+"""Large-library builds (tmr/library.py, jobs/index.py): gzipped SMILES / CSV / SDF with a row
+limit, and a build killed mid-way that resumes from its last chunk and ends with the same index."""
+
+import gzip
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from rdkit import Chem
+
+from tmr.config import load_config
+from tmr.library import build_index, read_raw
+from tmr.model import create_model
+
+REPO = Path(__file__).resolve().parents[1]
+MOSES = REPO.parent / "shared" / "data" / "moses" / "train.csv.gz"
+
+
+@pytest.fixture(scope="module")
+def moses_slice(tmp_path_factory) -> Path:
+    """MOSES' first 1,000 rows as .csv.gz, with a duplicate of row 5 (written differently) at row 900
+    and an unparsable row at 400."""
+    if not MOSES.exists():
+        pytest.fail(f"{MOSES} not found: ../shared/data beside the checkout")
+    with gzip.open(MOSES, "rt") as handle:
+        header, rows = handle.readline().strip(), [handle.readline().strip() for _ in range(1000)]
+    rows[400] = "C1CC(N"
+    rows[900] = Chem.MolToSmiles(Chem.MolFromSmiles(rows[5]), doRandom=True, canonical=False)
+    path = tmp_path_factory.mktemp("moses") / "slice.csv.gz"
+    with gzip.open(path, "wt") as handle:
+        handle.write("\n".join([header] + rows) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory) -> Path:
+    return create_model(load_config("tiny").model).save_pretrained(tmp_path_factory.mktemp("model") / "model")
+
+
+def test_libraries_read_gzipped_with_a_limit(moses_slice, tmp_path):
+    rows, skipped, id_url = read_raw(moses_slice, limit=10)
+    assert len(rows) == 10 and not skipped and id_url is None
+    assert [r[0] for r in rows] == [f"row{i}" for i in range(1, 11)]  # no id column: the row number
+    smiles = [r[1] for r in rows]
+    with gzip.open(tmp_path / "lib.smi.gz", "wt") as handle:
+        handle.write("\n".join(f"{s} mol{i}" for i, s in enumerate(smiles)) + "\n")
+    assert read_raw(tmp_path / "lib.smi.gz", limit=4)[0] == [(f"mol{i}", s, "", "") for i, s in enumerate(smiles[:4])]
+    with gzip.open(tmp_path / "lib.sdf.gz", "wt") as handle:
+        writer = Chem.SDWriter(handle)
+        for i, s in enumerate(smiles):
+            mol = Chem.MolFromSmiles(s)
+            mol.SetProp("_Name", f"sd{i}")
+            writer.write(mol)
+        writer.close()
+    sdf = read_raw(tmp_path / "lib.sdf.gz", limit=3)[0]
+    assert [(r[0], Chem.CanonSmiles(r[1])) for r in sdf] == [(f"sd{i}", Chem.CanonSmiles(s)) for i, s in enumerate(smiles[:3])]
+
+
+def test_a_killed_build_resumes_and_ends_with_the_same_index(moses_slice, tiny_model, tmp_path, local_ray):
+    reference = build_index(moses_slice, tiny_model, tmp_path / "reference", chunk_size=20, use_ray=False, progress=False)
+    assert reference["count"] == 998 and reference["skipped"] == 2  # the bad row and the duplicate
+    skipped = dict(json.loads((tmp_path / "reference/skipped.json").read_text()))
+    assert "C1CC(N" in skipped["row401"] and skipped["row901"].startswith("duplicate of row6")
+
+    out = tmp_path / "resumed"
+    command = [sys.executable, "jobs/index.py", "--model", str(tiny_model), "--library", str(moses_slice),
+               "--chunk-size", "20", "--out", str(out), "--no-ray"]
+    job = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    partial = tmp_path / "resumed.partial"
+    deadline = time.time() + 300
+    while len(list(partial.glob("chunk_*.npz"))) < 3 and time.time() < deadline and job.poll() is None:
+        time.sleep(0.01)
+    os.kill(job.pid, signal.SIGKILL)
+    job.wait()
+    finished = len(list(partial.glob("chunk_*.npz")))
+    assert 3 <= finished < 50 and not out.exists(), "the build was not killed mid-way"
+
+    # run again, this time through Ray Data with 2 actors: it skips the chunks already written
+    manifest = build_index(moses_slice, tiny_model, out, chunk_size=20, actors=2, progress=False)
+    assert manifest["resumed_chunks"] >= finished and not partial.exists()
+    assert manifest["embeddings_sha256"] == reference["embeddings_sha256"]
+    assert np.allclose(np.load(out / "embeddings.npy"), np.load(tmp_path / "reference/embeddings.npy"), atol=1e-6)
+    assert pq.read_table(out / "metadata.parquet").equals(pq.read_table(tmp_path / "reference/metadata.parquet"))
+    assert json.loads((out / "skipped.json").read_text()) == json.loads((tmp_path / "reference/skipped.json").read_text())
+
+
+@pytest.mark.parametrize("index_type", ["hnsw", "ivf"])
+def test_approximate_index_is_tuned_to_the_recall_target_on_held_out_queries(moses_slice, tiny_model, tmp_path, index_type):
+    from tmr.index import RetrievalIndex, exact_top_k, recall_at_10
+    from tmr.model import from_pretrained
+
+    with gzip.open(MOSES, "rt") as handle:
+        held_out = [line.strip() for _, line in zip(range(1302), handle)][1102:]  # rows the slice does not hold
+    queries = {"held_out_molecules": from_pretrained(tiny_model).encode_molecule(held_out).numpy()}
+    manifest = build_index(moses_slice, tiny_model, tmp_path / index_type, index_type=index_type, chunk_size=500,
+                           use_ray=False, progress=False, queries=queries, recall_target=0.97)
+    parameter = "efSearch" if index_type == "hnsw" else "nprobe"
+    assert manifest["recall_at_10"]["held_out_molecules"] >= 0.97 and parameter in manifest["search_params"]
+    assert [point[parameter] for point in manifest["recall_curve"]][-1] == manifest["search_params"][parameter]
+    assert manifest["memory_per_million_bytes"]["fp32"] == manifest["dim"] * 4 * 10**6
+    embeddings = np.load(tmp_path / index_type / "embeddings.npy")
+    exact = exact_top_k(queries["held_out_molecules"], embeddings)
+    for shards in (1, 2):  # loaded from disk, or rebuilt per shard with the manifest's parameters
+        index = RetrievalIndex(tmp_path / index_type, 0, shards)
+        assert recall_at_10(index.index, queries["held_out_molecules"], exact_top_k(queries["held_out_molecules"], embeddings[index.rows])) >= 0.9
+    assert recall_at_10(RetrievalIndex(tmp_path / index_type).index, queries["held_out_molecules"], exact) >= 0.97

@@ -1,0 +1,240 @@
+"""Building an index from a large library, in chunks that survive a crash.
+
+    build_index("moses/train.csv.gz", "runs/cpu/best", "runs/index/moses_1m", limit=1_000_000)
+
+The driver reads the raw rows (SMILES/CSV/TSV, .sdf, each optionally .gz; the first `limit`),
+cuts them into chunks of `chunk_size` rows and hands the chunks to Ray Data actors (`actors` of
+them, `threads` torch threads each): each parses, canonicalises, computes the InChIKey, featurises
+and embeds its rows. The driver writes every finished chunk atomically under `<out>.partial/`
+(a progress bar with ETA over molecules). A build killed at any point and started again with the
+same arguments skips the chunks already written; at the end, duplicates (same InChIKey; the first
+row wins) are dropped across chunks in row order, so a resumed build writes the same index as an
+uninterrupted one, and the partial directory is removed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+
+from tmr.index import PUBCHEM_COMPOUND, LibraryRows, model_fingerprint, write_index
+
+log = logging.getLogger("tmr.library")
+FIELDS = ("ids", "smiles", "inchikeys", "names", "texts")
+
+
+def read_raw(path: str | Path, kind: str = "molecule", limit: int | None = None) -> tuple[list[tuple], list, str | None]:
+    """(rows of (id, smiles, name, text), skipped, id_url), as read: nothing parsed yet."""
+    import gzip
+
+    from rdkit import Chem
+
+    from tmr.data.sources import open_text, read_pairs
+
+    path = Path(path)
+    if path.name.lower().removesuffix(".gz").endswith(".sdf"):
+        handle = gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")
+        rows, skipped = [], []
+        with handle:
+            for number, mol in enumerate(Chem.ForwardSDMolSupplier(handle), start=1):
+                if limit is not None and number > limit:
+                    break
+                name = mol.GetProp("_Name") if mol is not None and mol.HasProp("_Name") else ""
+                if mol is None:
+                    skipped.append((f"record{number}", "RDKit cannot read this SD record"))
+                else:
+                    rows.append((name or f"record{number}", Chem.MolToSmiles(mol), name, ""))
+        return rows, skipped, None
+    pairs, report = read_pairs(path, require_text=(kind == "text"), limit=limit)
+    with open_text(path) as handle:
+        first = handle.readline().replace(",", "\t").split("\t")[0].strip().lower()
+    return ([(p.id, p.smiles, "", p.text or "") for p in pairs], list(report.skipped),
+            PUBCHEM_COMPOUND if first == "cid" else None)
+
+
+class ChunkEmbedder:
+    """Ray Data callable class: one model per actor; a batch is one or more chunks of raw rows."""
+
+    def __init__(self, model_dir: str, kind: str, threads: int = 1):
+        import torch
+
+        from tmr.model import from_pretrained
+
+        torch.set_num_threads(threads)
+        self.model, self.kind = from_pretrained(model_dir), kind
+
+    def __call__(self, batch: dict) -> dict:
+        out = {key: [] for key in ("chunk", "embeddings", "kept", *FIELDS, "skipped")}
+        for chunk, rows in zip(batch["chunk"], batch["rows"]):
+            embedded = embed_chunk(self.model, json.loads(rows), self.kind)
+            out["chunk"].append(chunk)
+            for key, value in embedded.items():
+                out[key].append(value if key == "embeddings" else json.dumps(value))
+        return out
+
+
+def embed_chunk(model, rows: list[list], kind: str) -> dict:
+    """Parse, canonicalise, InChIKey, featurise and embed one chunk; unparsable rows are skipped
+    with their reason. Returns the embeddings and, per kept row, its position in the chunk."""
+    from rdkit import Chem
+
+    from tmr.data.featurize import InvalidMolecule, featurize_parsed, parse_smiles
+
+    kept, graphs, fields, skipped = [], [], {key: [] for key in FIELDS}, []
+    for position, (identifier, smiles, name, text) in enumerate(rows):
+        try:
+            parsed = parse_smiles(smiles)
+            graph = featurize_parsed(parsed, smiles)
+        except InvalidMolecule as error:
+            skipped.append((identifier, str(error)))
+            continue
+        kept.append(position)
+        graphs.append(graph)
+        for key, value in zip(FIELDS, (identifier, graph.smiles, Chem.MolToInchiKey(parsed.mol) or "", name, text)):
+            fields[key].append(value)
+    if kind == "molecule":
+        embeddings = model.encode_graphs(graphs).numpy() if graphs else np.zeros((0, model.config.embed_dim), np.float32)
+    else:
+        embeddings = model.encode_text(fields["texts"]).numpy() if kept else np.zeros((0, model.config.embed_dim), np.float32)
+    return {"embeddings": embeddings.astype(np.float32), "kept": kept, **fields, "skipped": skipped}
+
+
+def _save_chunk(partial: Path, chunk: int, embeddings: np.ndarray, record: dict) -> None:
+    """Write one finished chunk atomically: a temporary file, then a rename."""
+    target = partial / f"chunk_{chunk:06d}.npz"
+    staging = partial / f".chunk_{chunk:06d}.{os.getpid()}.tmp.npz"
+    np.savez(staging, embeddings=embeddings, record=np.frombuffer(json.dumps(record).encode(), dtype=np.uint8))
+    os.replace(staging, target)
+
+
+def _load_chunk(path: Path) -> tuple[np.ndarray, dict]:
+    with np.load(path, allow_pickle=False) as data:
+        return data["embeddings"], json.loads(data["record"].tobytes().decode())
+
+
+def build_index(library: str | Path, model_dir: str | Path, out: str | Path, kind: str = "molecule",
+                index_type: str = "exact", dtype: str = "float32", limit: int | None = None, chunk_size: int = 10_000,
+                actors: int = 1, threads: int = 1, use_ray: bool = True, progress: bool = True,
+                queries: dict[str, np.ndarray] | None = None, recall_target: float = 0.95) -> dict:
+    """Build (or resume building) an index directory; returns its manifest with throughput figures.
+    `queries` (name -> embeddings) are what an approximate index's recall is tuned on."""
+    from tqdm.auto import tqdm
+
+    started = time.time()
+    raw, skipped_reading, id_url = read_raw(library, kind, limit)
+    read_seconds = time.time() - started
+    out = Path(out)
+    partial = out.with_name(out.name + ".partial")
+    plan = {"library": str(Path(library).resolve()), "size": Path(library).stat().st_size, "kind": kind,
+            "limit": limit, "chunk_size": chunk_size, "rows": len(raw), "model": model_fingerprint(model_dir)}
+    plan_file = partial / "build.json"
+    if partial.exists() and (not plan_file.exists() or json.loads(plan_file.read_text()) != plan):
+        log.warning("%s holds a different build; starting over", partial)
+        shutil.rmtree(partial)
+    partial.mkdir(parents=True, exist_ok=True)
+    plan_file.write_text(json.dumps(plan, indent=2))
+    chunks = [raw[i:i + chunk_size] for i in range(0, len(raw), chunk_size)]
+    done = {int(p.stem.split("_")[1]) for p in partial.glob("chunk_*.npz")}
+    todo = [i for i in range(len(chunks)) if i not in done]
+    if done:
+        log.info("resuming %s: %d of %d chunks already built", out, len(done), len(chunks))
+    bar = tqdm(total=len(raw), initial=sum(len(chunks[i]) for i in done), unit="mol" if kind == "molecule" else "text",
+               desc=f"indexing {Path(library).name}", disable=not progress, smoothing=0.1)
+    embed_started = time.time()
+    for chunk, embeddings, record in _embed_chunks(chunks, todo, model_dir, kind, actors, threads, use_ray):
+        _save_chunk(partial, chunk, embeddings, record)
+        bar.update(len(chunks[chunk]))
+    bar.close()
+    embed_seconds = time.time() - embed_started
+    figures = {"library": str(library), "limit": limit, "read_seconds": round(read_seconds, 2),
+               "embed_seconds": round(embed_seconds, 2), "resumed_chunks": len(done), "actors": actors,
+               "items_per_second": round(sum(len(chunks[i]) for i in todo) / max(embed_seconds, 1e-9), 1)}
+    manifest = _assemble(partial, len(chunks), kind, out, model_dir, index_type, dtype, skipped_reading, id_url, figures,
+                         queries, recall_target)
+    shutil.rmtree(partial)
+    return manifest
+
+
+def _embed_chunks(chunks: list, todo: list[int], model_dir, kind: str, actors: int, threads: int, use_ray: bool):
+    """(chunk number, embeddings, record) for each chunk in `todo`, as they finish."""
+    if not todo:
+        return
+    if not use_ray:
+        embedder = ChunkEmbedder(str(model_dir), kind, threads)
+        for chunk in todo:
+            yield _unpack(embedder({"chunk": [chunk], "rows": [json.dumps(chunks[chunk])]}), 0)
+        return
+    import ray.data
+
+    items = [{"chunk": chunk, "rows": json.dumps(chunks[chunk])} for chunk in todo]
+    dataset = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
+        ChunkEmbedder, fn_constructor_args=(str(model_dir), kind, threads), batch_size=1, concurrency=actors,
+        num_cpus=threads, batch_format="numpy")
+    for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
+        for i in range(len(batch["chunk"])):
+            yield _unpack(batch, i)
+
+
+def _unpack(batch: dict, i: int) -> tuple[int, np.ndarray, dict]:
+    embeddings = np.asarray(batch["embeddings"][i], dtype=np.float32)
+    record = {key: json.loads(batch[key][i]) for key in ("kept", *FIELDS, "skipped")}
+    return int(batch["chunk"][i]), embeddings.reshape(len(record["kept"]), -1), record
+
+
+def _assemble(partial: Path, count: int, kind: str, out: Path, model_dir, index_type: str, dtype: str,
+              skipped: list, id_url: str | None, figures: dict, queries: dict | None, recall_target: float) -> dict:
+    """Concatenate the chunks in row order, drop duplicate molecules (first row wins), write the index."""
+    rows = LibraryRows([], [], [], [], [], list(skipped), id_url)
+    vectors, seen = [], {}
+    for chunk in range(count):
+        embeddings, record = _load_chunk(partial / f"chunk_{chunk:06d}.npz")
+        rows.skipped.extend(tuple(s) for s in record["skipped"])
+        keep = []
+        for j, (identifier, inchikey) in enumerate(zip(record["ids"], record["inchikeys"])):
+            if kind == "molecule" and inchikey and inchikey in seen:
+                rows.skipped.append((identifier, f"duplicate of {seen[inchikey]} (InChIKey {inchikey})"))
+                continue
+            seen.setdefault(inchikey, identifier)
+            keep.append(j)
+            for key in FIELDS:
+                getattr(rows, key).append(record[key][j])
+        vectors.append(embeddings[keep])
+    embeddings = np.concatenate(vectors) if vectors else np.zeros((0, 1), np.float32)
+    figures["embeddings_sha256"] = hashlib.sha256(embeddings.tobytes()).hexdigest()[:16]
+    return write_index(out, embeddings, rows, kind, model_dir, index_type, dtype, extra=figures, queries=queries,
+                       recall_target=recall_target)
+
+
+def recall_queries(model_dir: str | Path, library: str | Path, kind: str, limit: int | None, data: str | None,
+                   count: int = 1000) -> dict[str, np.ndarray]:
+    """Real queries for tuning an approximate index: ChEBI-20 validation descriptions (text ->
+    molecule) and, for a library indexed with --limit, the `count` molecules after the limit
+    (molecules the index does not hold)."""
+    from tmr.data import resolve_data_root
+    from tmr.data.featurize import InvalidMolecule
+    from tmr.data.sources import read_pairs
+    from tmr.model import from_pretrained
+
+    model, queries = from_pretrained(model_dir), {}
+    validation = resolve_data_root(data, download=False) / "validation.txt"
+    if validation.exists():
+        pairs, _ = read_pairs(validation)
+        queries["validation_texts"] = model.encode_text([p.text for p in pairs[:count]]).numpy()
+    if kind == "molecule" and limit:
+        held_out = [row[1] for row in read_raw(library, kind, limit + count)[0][limit:]]
+        vectors = []
+        for smiles in held_out:
+            try:
+                vectors.append(model.encode_molecule([smiles]).numpy())
+            except InvalidMolecule:
+                continue
+        if vectors:
+            queries["held_out_molecules"] = np.concatenate(vectors)
+    return queries

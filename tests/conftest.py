@@ -59,7 +59,7 @@ def local_ray(request):
 @pytest.fixture(scope="module")
 def served(tmp_path_factory, small_root):
     """The Serve app on loopback over a tiny model and the 120-pair library (molecules and texts),
-    once unsharded at / and once with 2 shards at /sharded; yields (httpx client, directory)."""
+    once unsharded at / and once with 4 shards at /sharded; yields (httpx client, directory)."""
     import httpx
     import ray
     from ray import serve
@@ -84,7 +84,7 @@ def served(tmp_path_factory, small_root):
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     args = {"model_dir": str(root / "model"), "molecules": str(root / "molecule"), "texts": str(root / "text")}
     serve.run(build_app(args), name="one", route_prefix="/")
-    serve.run(build_app({**args, "shards": 2}), name="sharded", route_prefix="/sharded")
+    serve.run(build_app({**args, "shards": 4}), name="sharded", route_prefix="/sharded")
     with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as client:
         yield client, root
     serve.shutdown()

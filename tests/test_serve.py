@@ -1,5 +1,5 @@
 """The Serve app over HTTP on a local Ray: answers equal the library's brute-force search, a sharded
-index answers as the unsharded one, and every client mistake gets its 4xx with the reason."""
+index (4 shards) answers as the unsharded one, and every client mistake gets its 4xx with the reason."""
 
 import numpy as np
 import pytest
@@ -51,7 +51,8 @@ def test_molecule_search_and_describe_equal_the_library(served):
 
 def test_sharded_index_answers_as_the_unsharded_one(served):
     client, _ = served
-    for path, body in (("/search/text", {"text": QUERY, "k": 25}), ("/describe", {"smiles": "CCO", "k": 7})):
+    for path, body in (("/search/text", {"text": QUERY, "k": 25}), ("/describe", {"smiles": "CCO", "k": 7}),
+                       ("/search/molecule", {"smiles": "OC(=O)CCc1ccccc1", "k": 10, "filters": {"smarts": "c1ccccc1"}})):
         one, two = client.post(path, json=body).json(), client.post(f"/sharded{path}", json=body).json()
         assert [r["id"] for r in one["results"]] == [r["id"] for r in two["results"]]
         assert [r["score"] for r in one["results"]] == pytest.approx([r["score"] for r in two["results"]], abs=1e-6)

@@ -86,6 +86,22 @@ def set_search_params(index, kind: str, params: dict) -> None:
         index.nprobe = int(params.get("nprobe", 8))
 
 
+def exact_search(vectors: np.ndarray, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Exact top-k by inner product, ties by row: numpy for one query, torch (MKL) for a batch,
+    the fastest path for each case as measured on 2 cores (README)."""
+    if len(queries) == 1:
+        scores = (vectors @ queries[0])[None, :]
+    else:
+        import torch
+
+        scores = torch.from_numpy(queries) @ torch.from_numpy(vectors).T
+        scores = scores.numpy()
+    top = np.argpartition(-scores, k - 1, axis=1)[:, :k] if k < scores.shape[1] else np.tile(np.arange(scores.shape[1]), (len(scores), 1))
+    top_scores = np.take_along_axis(scores, top, 1)
+    order = np.lexsort((top, -top_scores), axis=1)
+    return np.take_along_axis(top_scores, order, 1), np.take_along_axis(top, order, 1)
+
+
 def exact_top_k(queries: np.ndarray, embeddings: np.ndarray, k: int = 10, block: int = 256) -> np.ndarray:
     """Exact top-k rows by inner product (numpy in query blocks: bounded memory at 1M rows)."""
     embeddings = np.asarray(embeddings, dtype=np.float32)
@@ -180,7 +196,10 @@ class RetrievalIndex:
         if not 0 <= shard < num_shards:
             raise ValueError(f"shard {shard} of {num_shards}")
         self.rows = np.arange(shard, len(embeddings), num_shards)  # global row numbers held here
-        if num_shards == 1:
+        self.vectors = None
+        if self.manifest["index"] == "exact":  # numpy / torch matmul beat faiss' flat index here (README)
+            self.vectors, self.index = np.ascontiguousarray(embeddings[self.rows]), None
+        elif num_shards == 1:
             self.index = faiss.read_index(str(directory / "index.faiss"))
             set_search_params(self.index, self.manifest["index"], self.manifest.get("search_params", {}))
         else:
@@ -193,7 +212,11 @@ class RetrievalIndex:
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """(scores, global rows), each (Q, min(k, len)), best first; cosine similarity of unit vectors."""
         k = min(k, len(self))
-        scores, local = self.index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
+        queries = np.ascontiguousarray(queries, dtype=np.float32)
+        if self.vectors is None:
+            scores, local = self.index.search(queries, k)
+        else:
+            scores, local = exact_search(self.vectors, queries, k)
         return scores, self.rows[local]
 
     def record(self, global_row: int) -> dict:

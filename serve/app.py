@@ -149,6 +149,11 @@ class IndexShard:
     def size(self) -> int:
         return len(self.index)
 
+    def placement(self) -> dict:
+        import ray
+
+        return {"rows": len(self.index), "node": ray.get_runtime_context().get_node_id()}
+
     def check_health(self) -> None:
         if len(self.index) == 0:
             raise RuntimeError("empty shard")
@@ -165,6 +170,17 @@ async def limit_body(request: Request, call_next):
     if length is not None and int(length) > MAX_BODY_BYTES:
         return JSONResponse({"detail": f"body of {length} bytes; at most {MAX_BODY_BYTES}"}, status_code=413)
     return await call_next(request)
+
+
+async def idempotent(method, *args):
+    """A search is idempotent: when the replica serving it dies mid-call, ask once more (Serve
+    routes the retry to a live replica) instead of showing the client a 500."""
+    from ray.exceptions import RayActorError
+
+    try:
+        return await method.remote(*args)
+    except RayActorError:
+        return await method.remote(*args)
 
 
 def parse_or_422(smiles: str):
@@ -225,7 +241,7 @@ class Ingress:
     async def _search(self, shards: list, vector: np.ndarray, k: int) -> list[dict]:
         from tmr.index import merge_top_k
 
-        answers = await asyncio.gather(*[shard.search.remote(vector, k) for shard in shards])
+        answers = await asyncio.gather(*[idempotent(shard.search, vector, k) for shard in shards])
         scores, rows = merge_top_k([(s[None, :], r[None, :]) for s, r, _ in answers], k)
         records = {int(r): rec for _, rs, recs in answers for r, rec in zip(rs, recs)}
         return [{"rank": i + 1, "score": float(score), **records[int(row)]}
@@ -264,12 +280,12 @@ class Ingress:
 
     async def _answer(self, mode: str, query) -> dict:
         if mode == "text":
-            vector = await self.encoder.text.remote(query.text)
+            vector = await idempotent(self.encoder.text, query.text)
             return {"query": query.text, **await self._molecules(vector, query.k, query.filters)}
         parsed = query_structure(query)
         if mode == "describe" and not self.text_shards:
             raise HTTPException(status_code=404, detail="no text corpus is deployed")
-        vector = await self.encoder.molecule.remote(parsed.canonical_smiles)
+        vector = await idempotent(self.encoder.molecule, parsed.canonical_smiles)
         if mode == "describe":
             return {"query": parsed.canonical_smiles, "results": await self._search(self.text_shards, vector, query.k)}
         return {"query": parsed.canonical_smiles,
@@ -345,11 +361,14 @@ class Ingress:
 
     @api.get("/info")
     async def info(self) -> dict:
-        return self.info_
+        """The deployment: model, libraries, and where each molecule shard runs (rows, Ray node)."""
+        shards = await asyncio.gather(*[shard.placement.remote() for shard in self.molecule_shards])
+        return {**self.info_, "molecule_shards": shards}
 
 
 def build_app(args: dict):
-    """`serve run serve.app:app model_dir=... molecules=... [texts=...] [shards=N] [encoder_max_replicas=N]`."""
+    """`serve run serve.app:app model_dir=... molecules=... [texts=...] [shards=N] [encoder_max_replicas=N]
+    [downscale_delay_s=S]`."""
     import json
 
     model_dir = args.get("model_dir") or os.environ.get("TMR_MODEL", "runs/cpu/best")
@@ -362,6 +381,7 @@ def build_app(args: dict):
     # Replicas beyond the machine's cores only contend for them: bound the autoscaler by `encoder_max_replicas`.
     encoder = Encoder.options(autoscaling_config={
         "min_replicas": 1, "max_replicas": int(args.get("encoder_max_replicas", 4)), "target_ongoing_requests": 8,
+        "downscale_delay_s": float(args.get("downscale_delay_s", 600)),
     }).bind(str(Path(model_dir).resolve()))
     molecule_shards = [IndexShard.options(name=f"MoleculeShard{i}").bind(str(Path(molecules).resolve()), i, shards)
                        for i in range(shards)]

@@ -244,12 +244,17 @@ class TMRModel(nn.Module):
     def encode_text(self, texts: list[str], batch_size: int = 64) -> torch.Tensor:
         """Texts -> (N, D) unit-norm embeddings (eval mode)."""
         self.eval()
+        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))  # similar lengths together: less padding
         out = []
         for start in range(0, len(texts), batch_size):
-            tokens = self.tokenizer(texts[start:start + batch_size], padding=True, truncation=True,
-                                    max_length=self.config.text.max_length, return_tensors="pt").to(self.device)
+            batch = [texts[i] for i in order[start:start + batch_size]]
+            tokens = self.tokenizer(batch, padding=True, truncation=True, max_length=self.config.text.max_length,
+                                    return_tensors="pt").to(self.device)
             out.append(self.forward_text(tokens["input_ids"], tokens["attention_mask"])[0].float().cpu())
-        return torch.cat(out) if out else torch.empty(0, self.config.embed_dim)
+        if not out:
+            return torch.empty(0, self.config.embed_dim)
+        embeddings = torch.cat(out)
+        return embeddings[torch.argsort(torch.tensor(order))]
 
     @torch.no_grad()
     def encode_graphs(self, graphs, batch_size: int = 256, progress: bool = False) -> torch.Tensor:

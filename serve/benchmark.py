@@ -19,6 +19,7 @@ import random
 import socket
 import sys
 import time
+from urllib.parse import quote
 from pathlib import Path
 
 import httpx
@@ -88,7 +89,7 @@ def fuzz_bodies(count: int, seed: int = 0) -> list[tuple[str, object]]:
                 {junk: [1, 2]}, {"tpsa": junk}, {"hbd": [None, rng.randint(-2, 6)], "smarts": "c1ccccc1"}])}
         elif choice < 0.15:
             path = rng.choice(["/depict?smiles=", "/export?format=csv&mode=text&q=", "/export?format=sdf&smarts=",
-                               "/static/", "/?q="]) + junk
+                               "/static/", "/?q="]) + quote(junk, safe="")
             body = "GET"
         elif choice < 0.3:
             body = {"text": junk, "k": rng.choice([-5, 0, 1, 10, 1000, 1001, 10**12, "x", None, 3.5])}

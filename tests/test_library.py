@@ -71,7 +71,7 @@ def test_a_killed_build_resumes_and_ends_with_the_same_index(moses_slice, tiny_m
 
     out = tmp_path / "resumed"
     command = [sys.executable, "jobs/index.py", "--model", str(tiny_model), "--library", str(moses_slice),
-               "--chunk-size", "20", "--out", str(out), "--no-ray"]
+               "--chunk-size", "10", "--out", str(out), "--no-ray"]
     job = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     partial = tmp_path / "resumed.partial"
     deadline = time.time() + 300
@@ -80,10 +80,11 @@ def test_a_killed_build_resumes_and_ends_with_the_same_index(moses_slice, tiny_m
     os.kill(job.pid, signal.SIGKILL)
     job.wait()
     finished = len(list(partial.glob("chunk_*.npz")))
-    assert 3 <= finished < 50 and not out.exists(), "the build was not killed mid-way"
+    assert 3 <= finished < 100 and not out.exists(), "the build was not killed mid-way"
 
-    # run again, this time through Ray Data with 2 actors: it skips the chunks already written
-    manifest = build_index(moses_slice, tiny_model, out, chunk_size=20, actors=2, progress=False)
+    # run again, this time through Ray Data with 2 actors: it skips the chunks already written (the
+    # reference used chunks of 20: the index does not depend on the chunking)
+    manifest = build_index(moses_slice, tiny_model, out, chunk_size=10, actors=2, progress=False)
     assert manifest["resumed_chunks"] >= finished and not partial.exists()
     assert manifest["embeddings_sha256"] == reference["embeddings_sha256"]
     assert np.allclose(np.load(out / "embeddings.npy"), np.load(tmp_path / "reference/embeddings.npy"), atol=1e-6)

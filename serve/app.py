@@ -27,7 +27,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from ray import serve
 
-from tmr.chem import MoleculeFilter
+from tmr.chem import PROPERTIES, MoleculeFilter
 
 MAX_TEXT_CHARS = 4000
 MAX_BODY_BYTES = 64 * 1024
@@ -212,7 +212,7 @@ def query_from_params(params: dict) -> tuple[str, TextQuery | MoleculeQuery]:
     if mode not in ("text", "molecule", "describe"):
         raise HTTPException(status_code=422, detail=f"mode {mode!r}; use text, molecule or describe")
     filters: dict = {}
-    for key in Filters.model_fields:
+    for key in PROPERTIES:
         low, high = params.get(f"{key}_min") or None, params.get(f"{key}_max") or None
         if low is not None or high is not None:
             filters[key] = (low, high)

@@ -118,8 +118,22 @@ async def fuzz(client: httpx.AsyncClient, count: int) -> dict:
     return {"requests": count, "by_class": counts, "5xx": counts.get("5xx", 0)}
 
 
-def main() -> None:
+def start_local_serve(num_cpus: int = 4) -> int:
+    """A local Ray (this checkout on the workers' PYTHONPATH) and Serve's HTTP proxy on a free
+    loopback port, which it returns."""
     import ray
+    from ray import serve
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    ray.init(address="local", num_cpus=num_cpus, object_store_memory=512 * 1024**2, include_dashboard=False,
+             runtime_env={"env_vars": {"PYTHONPATH": str(Path(__file__).resolve().parents[1])}})
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    return port
+
+
+def main() -> None:
     from ray import serve
 
     from serve.app import build_app
@@ -137,12 +151,7 @@ def main() -> None:
     for spec in args.library:
         name, _, path = spec.rpartition("=")
         libraries[name or Path(path).name] = {"path": path, **json.loads((Path(path) / "manifest.json").read_text())}
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    ray.init(address="local", num_cpus=4, object_store_memory=512 * 1024**2, include_dashboard=False,
-             runtime_env={"env_vars": {"PYTHONPATH": str(Path(__file__).resolve().parents[1])}})
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    port = start_local_serve()
     report = {"libraries": {}, "device": "cpu (2 cores)"}
     queries = [QUERIES[i % len(QUERIES)] + f" ({i})" for i in range(args.requests)]
     for name, library in libraries.items():

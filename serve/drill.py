@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import socket
 import sys
 import time
 from pathlib import Path
@@ -22,7 +21,7 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from serve.benchmark import QUERIES, fuzz  # noqa: E402
+from serve.benchmark import QUERIES, fuzz, start_local_serve  # noqa: E402
 
 
 def replica_counts(app: str = "tmr") -> dict[str, int]:
@@ -112,7 +111,6 @@ def plot(report: dict, path: Path) -> None:
 
 
 def main() -> None:
-    import ray
     from ray import serve
 
     from serve.app import build_app
@@ -127,12 +125,7 @@ def main() -> None:
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    ray.init(address="local", num_cpus=4, object_store_memory=512 * 1024**2, include_dashboard=False,
-             runtime_env={"env_vars": {"PYTHONPATH": str(Path(__file__).resolve().parents[1])}})
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    port = start_local_serve()
     serve.run(build_app({"model_dir": args.model, "molecules": args.library, "encoder_max_replicas": 2,
                          "downscale_delay_s": 20}), name="tmr", route_prefix="/")
     reference = [{"text": q, "k": 10} for q in QUERIES]

@@ -3,7 +3,8 @@
 An index directory holds
     embeddings.npy     (N, D) float32 or float16, unit norm, row i = metadata row i
     metadata.parquet   id, smiles (canonical), inchikey, name, text
-    index.faiss        faiss index: exact inner product, HNSW, IVF-flat or IVF-PQ
+    index.faiss        the approximate index (HNSW, IVF-flat or IVF-PQ); an exact index searches
+                       embeddings.npy directly (numpy / torch beat faiss' flat index here)
     manifest.json      kind, model fingerprint, count, dim, index type, its search parameter chosen
                        for recall@10 >= 0.95 against exact search on real queries (and the curve)
     skipped.json       rows not indexed, with their id and why
@@ -51,16 +52,14 @@ PUBCHEM_COMPOUND = "https://pubchem.ncbi.nlm.nih.gov/compound/{id}"
 INDEX_TYPES = ("exact", "hnsw", "ivf", "ivfpq")
 
 
-def build_faiss(embeddings: np.ndarray, kind: str = "exact", params: dict | None = None):
-    """A faiss inner-product index: exact (flat), HNSW (M links), IVF-flat or IVF-PQ (nlist lists,
+def build_faiss(embeddings: np.ndarray, kind: str, params: dict | None = None):
+    """An approximate faiss inner-product index: HNSW (M links), IVF-flat or IVF-PQ (nlist lists,
     trained on the data), with the search parameters in `params` (efSearch / nprobe) applied."""
     import faiss
 
     data = np.ascontiguousarray(embeddings, dtype=np.float32)
     dim, params = data.shape[1], dict(params or {})
-    if kind == "exact":
-        index = faiss.IndexFlatIP(dim)
-    elif kind == "hnsw":
+    if kind == "hnsw":
         index = faiss.IndexHNSWFlat(dim, int(params.get("M", 32)), faiss.METRIC_INNER_PRODUCT)
         index.hnsw.efConstruction = int(params.get("efConstruction", 80))
     elif kind in ("ivf", "ivfpq"):
@@ -73,7 +72,7 @@ def build_faiss(embeddings: np.ndarray, kind: str = "exact", params: dict | None
         sample = data[np.random.default_rng(0).choice(len(data), min(len(data), 256 * nlist), replace=False)]
         index.train(sample)
     else:
-        raise ValueError(f"unknown index type {kind!r}; use one of {INDEX_TYPES}")
+        raise ValueError(f"unknown approximate index type {kind!r}; use one of {INDEX_TYPES[1:]}")
     index.add(data)
     set_search_params(index, kind, params)
     return index
@@ -103,15 +102,11 @@ def exact_search(vectors: np.ndarray, queries: np.ndarray, k: int) -> tuple[np.n
 
 
 def exact_top_k(queries: np.ndarray, embeddings: np.ndarray, k: int = 10, block: int = 256) -> np.ndarray:
-    """Exact top-k rows by inner product (numpy in query blocks: bounded memory at 1M rows)."""
-    embeddings = np.asarray(embeddings, dtype=np.float32)
-    out = []
-    for start in range(0, len(queries), block):
-        scores = queries[start:start + block].astype(np.float32) @ embeddings.T
-        top = np.argpartition(-scores, min(k, scores.shape[1] - 1), axis=1)[:, :k]
-        order = np.argsort(-np.take_along_axis(scores, top, 1), axis=1)
-        out.append(np.take_along_axis(top, order, 1))
-    return np.concatenate(out)
+    """Exact top-k rows of many queries, `exact_search` over query blocks (bounded memory at 1M rows)."""
+    embeddings = np.ascontiguousarray(embeddings, dtype=np.float32)
+    queries = np.ascontiguousarray(queries, dtype=np.float32)
+    return np.concatenate([exact_search(embeddings, queries[start:start + block], k)[1]
+                           for start in range(0, len(queries), block)])
 
 
 def recall_at_10(index, queries: np.ndarray, exact: np.ndarray) -> float:
@@ -159,7 +154,7 @@ def write_index(out: str | Path, embeddings: np.ndarray, rows: LibraryRows, kind
     import pyarrow.parquet as pq
 
     started = time.time()
-    index = build_faiss(embeddings, index_type)
+    index = build_faiss(embeddings, index_type) if index_type != "exact" else None
     manifest = {"kind": kind, "model": str(Path(model_dir).resolve()), "model_fingerprint": model_fingerprint(model_dir),
                 "count": int(len(embeddings)), "dim": int(embeddings.shape[1]), "index": index_type, "dtype": dtype,
                 "id_url": rows.id_url, **(extra or {}), "memory_per_million_bytes": memory_per_million(embeddings.shape[1]),
@@ -176,7 +171,8 @@ def write_index(out: str | Path, embeddings: np.ndarray, rows: LibraryRows, kind
         np.save(staging / "embeddings.npy", embeddings.astype(dtype))
         pq.write_table(pa.table({"id": rows.ids, "smiles": rows.smiles, "inchikey": rows.inchikeys, "name": rows.names,
                                  "text": rows.texts}), staging / "metadata.parquet")
-        faiss.write_index(index, str(staging / "index.faiss"))
+        if index is not None:
+            faiss.write_index(index, str(staging / "index.faiss"))
         (staging / "skipped.json").write_text(json.dumps(rows.skipped))
         (staging / "manifest.json").write_text(json.dumps(manifest, indent=2))
     return manifest
@@ -192,13 +188,13 @@ class RetrievalIndex:
         directory = Path(directory)
         self.manifest = json.loads((directory / "manifest.json").read_text())
         metadata = pq.read_table(directory / "metadata.parquet").to_pydict()
-        embeddings = np.load(directory / "embeddings.npy", allow_pickle=False).astype(np.float32)
+        embeddings = np.load(directory / "embeddings.npy", allow_pickle=False).astype(np.float32, copy=False)
         if not 0 <= shard < num_shards:
             raise ValueError(f"shard {shard} of {num_shards}")
         self.rows = np.arange(shard, len(embeddings), num_shards)  # global row numbers held here
         self.vectors = None
         if self.manifest["index"] == "exact":  # numpy / torch matmul beat faiss' flat index here (README)
-            self.vectors, self.index = np.ascontiguousarray(embeddings[self.rows]), None
+            self.vectors, self.index = np.ascontiguousarray(embeddings[shard::num_shards]), None  # no copy for 1 shard
         elif num_shards == 1:
             self.index = faiss.read_index(str(directory / "index.faiss"))
             set_search_params(self.index, self.manifest["index"], self.manifest.get("search_params", {}))

@@ -36,7 +36,7 @@ def read_raw(path: str | Path, kind: str = "molecule", limit: int | None = None)
 
     from rdkit import Chem
 
-    from tmr.data.sources import open_text, read_pairs
+    from tmr.data.sources import read_pairs
 
     path = Path(path)
     if path.name.lower().removesuffix(".gz").endswith(".sdf"):
@@ -53,10 +53,8 @@ def read_raw(path: str | Path, kind: str = "molecule", limit: int | None = None)
                     rows.append((name or f"record{number}", Chem.MolToSmiles(mol), name, ""))
         return rows, skipped, None
     pairs, report = read_pairs(path, require_text=(kind == "text"), limit=limit)
-    with open_text(path) as handle:
-        first = handle.readline().replace(",", "\t").split("\t")[0].strip().lower()
     return ([(p.id, p.smiles, "", p.text or "") for p in pairs], list(report.skipped),
-            PUBCHEM_COMPOUND if first == "cid" else None)
+            PUBCHEM_COMPOUND if report.id_column == "cid" else None)
 
 
 class ChunkEmbedder:
@@ -81,8 +79,9 @@ class ChunkEmbedder:
 
 
 def embed_chunk(model, rows: list[list], kind: str) -> dict:
-    """Parse, canonicalise, InChIKey, featurise and embed one chunk; unparsable rows are skipped
-    with their reason. Returns the embeddings and, per kept row, its position in the chunk."""
+    """Parse, canonicalise, InChIKey, featurise (molecules only: a text corpus embeds its texts)
+    and embed one chunk; unparsable rows are skipped with their reason. Returns the embeddings and,
+    per kept row, its position in the chunk."""
     from rdkit import Chem
 
     from tmr.data.featurize import InvalidMolecule, featurize_parsed, parse_smiles
@@ -91,13 +90,14 @@ def embed_chunk(model, rows: list[list], kind: str) -> dict:
     for position, (identifier, smiles, name, text) in enumerate(rows):
         try:
             parsed = parse_smiles(smiles)
-            graph = featurize_parsed(parsed, smiles)
+            if kind == "molecule":
+                graphs.append(featurize_parsed(parsed, smiles))
         except InvalidMolecule as error:
             skipped.append((identifier, str(error)))
             continue
         kept.append(position)
-        graphs.append(graph)
-        for key, value in zip(FIELDS, (identifier, graph.smiles, Chem.MolToInchiKey(parsed.mol) or "", name, text)):
+        for key, value in zip(FIELDS, (identifier, parsed.canonical_smiles, Chem.MolToInchiKey(parsed.mol) or "", name,
+                                       text)):
             fields[key].append(value)
     if kind == "molecule":
         embeddings = model.encode_graphs(graphs).numpy() if graphs else np.zeros((0, model.config.embed_dim), np.float32)

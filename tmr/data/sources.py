@@ -173,6 +173,7 @@ class ReadReport:
     rows: int = 0
     kept: int = 0
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (id, reason)
+    id_column: str | None = None  # the header's id column ("cid" in ChEBI-20's files), if any
 
     def log(self) -> None:
         if self.skipped:
@@ -213,6 +214,7 @@ def read_pairs(path: str | os.PathLike, require_text: bool = True, limit: int | 
             next(rows)
             pick = lambda names: next((columns.index(n) for n in names if n in columns), None)  # noqa: E731
             id_col, smiles_col, text_col = pick(_ID), pick(_SMILES), pick(_TEXT)
+            report.id_column = columns[id_col] if id_col is not None else None
         else:  # bare file: smiles [id] per line
             id_col, smiles_col, text_col = (1 if delimiter in head else None), 0, None
         if require_text and text_col is None:

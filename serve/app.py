@@ -250,7 +250,7 @@ class Ingress:
     async def _molecules(self, vector: np.ndarray, k: int, filters: Filters | None, query_smiles: str | None = None) -> dict:
         """Top k molecules passing the filters (looking further down the ranking, up to
         MAX_LOOKED_AT, until k pass), each with its properties, link and depiction."""
-        from tmr.chem import properties, tanimoto
+        from tmr.chem import inchikey, properties, tanimoto
 
         wanted = filters.build() if filters else None
         answer: dict = {}
@@ -270,7 +270,7 @@ class Ingress:
         def decorate(result: dict) -> dict:
             link = self.info_["molecules"].get("id_url")
             query = f"&query={quote(query_smiles, safe='')}" if query_smiles else ""
-            extra = {"properties": properties(result["smiles"]), "url": link.format(id=result["id"]) if link else None,
+            extra = {"inchikey": inchikey(result["smiles"]), "properties": properties(result["smiles"]), "url": link.format(id=result["id"]) if link else None,
                      "depiction": f"depict?smiles={quote(result['smiles'], safe='')}{query}"}
             if query_smiles:
                 extra["tanimoto"] = tanimoto(query_smiles, result["smiles"])

@@ -1,6 +1,8 @@
-"""Beyond one machine: a 2-node Ray cluster simulated on this one (`ray.cluster_utils.Cluster`).
+"""Beyond one machine: a 2-node Ray cluster simulated on this one (`ray.cluster_utils.Cluster`),
+each node with its own tmr cache directory, as separate machines have.
 The index build runs its actors on both nodes and writes the same index as an in-process build;
-Serve places the 4 shards of that index on both nodes and they answer as the library does."""
+Serve places the 4 shards of that index on both nodes and they answer as the library does; a
+training run puts one worker on each node, and each node featurises and caches its data once."""
 
 import socket
 import sys
@@ -20,13 +22,21 @@ QUERY = "The molecule is a monocarboxylic acid anion obtained by deprotonation o
 
 
 @pytest.fixture(scope="module")
-def two_nodes():
+def node_caches(tmp_path_factory) -> dict[str, Path]:
+    return {node: tmp_path_factory.mktemp(f"cache_{node}") for node in ("node_a", "node_b")}
+
+
+@pytest.fixture(scope="module")
+def two_nodes(node_caches):
     import ray
     from ray.cluster_utils import Cluster
 
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "resources": {"node_a": 1},
-                                                           "object_store_memory": 150 * 1024**2})
-    cluster.add_node(num_cpus=2, resources={"node_b": 1}, object_store_memory=150 * 1024**2)
+    def node(name: str) -> dict:  # a raylet's environment is its workers' environment
+        return {"num_cpus": 2, "resources": {name: 1}, "object_store_memory": 150 * 1024**2,
+                "env_vars": {"TMR_CACHE": str(node_caches[name])}}
+
+    cluster = Cluster(initialize_head=True, head_node_args=node("node_a"))
+    cluster.add_node(**node("node_b"))
     ray.init(address=cluster.address, runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}})
     yield cluster
     ray.shutdown()
@@ -67,3 +77,26 @@ def test_index_build_and_shards_span_both_nodes(two_nodes, small_root, tmp_path)
         assert [r["id"] for r in answer.json()["results"]] == expected
     finally:
         serve.shutdown()
+
+
+def test_training_puts_one_worker_on_each_node_and_each_node_caches_once(two_nodes, node_caches, train_root, tmp_path):
+    """2 workers of 2 CPUs on two 2-CPU nodes: one per node. Each worker is its node's local rank 0,
+    so each node featurises the pairs and computes the frozen text backbone's states itself, into
+    its own cache, and the two caches hold the same files; gradients cross nodes over gloo."""
+    from tmr.distributed import train_with_ray
+
+    config = load_config("tiny", [f"data={train_root}", f"output={tmp_path / 'run'}", "train.num_workers=2",
+                                  "train.max_train_pairs=64", "train.epochs=1", "model.text.trainable_layers=0",
+                                  "train.cache_text_states=true"])
+    metrics = train_with_ray(config, threads_per_worker=2)
+    assert metrics["num_workers"] == 2 and len(metrics["history"]) == 1
+    assert (tmp_path / "run/best/model.safetensors").exists() and "val_mrr" in metrics["history"][0]
+
+    def cached(node: str) -> dict[str, int]:
+        root = node_caches[node]
+        return {str(p.relative_to(root)): p.stat().st_size for p in root.rglob("*")
+                if p.is_file() and p.parts[len(root.parts)] in ("processed", "text_states")}
+
+    a, b = cached("node_a"), cached("node_b")
+    assert any(k.startswith("processed/") for k in a) and any(k.startswith("text_states/") for k in a), a
+    assert a == b, "each node should have featurised and cached the same data for its own worker"

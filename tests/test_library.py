@@ -112,3 +112,16 @@ def test_approximate_index_is_tuned_to_the_recall_target_on_held_out_queries(mos
         index = RetrievalIndex(tmp_path / index_type, 0, shards)
         assert recall_at_10(index.index, queries["held_out_molecules"], exact_top_k(queries["held_out_molecules"], embeddings[index.rows])) >= 0.9
     assert recall_at_10(RetrievalIndex(tmp_path / index_type).index, queries["held_out_molecules"], exact) >= 0.97
+
+
+def test_a_compiled_build_equals_an_eager_one(moses_slice, tiny_model, tmp_path):
+    """Large builds torch.compile the molecule path (`compile=None`: from COMPILE_FROM rows): same
+    rows, same skips and the same embeddings up to float rounding as the eager model."""
+    eager = build_index(moses_slice, tiny_model, tmp_path / "eager", chunk_size=500, use_ray=False, progress=False,
+                        compile=False)
+    compiled = build_index(moses_slice, tiny_model, tmp_path / "compiled", chunk_size=500, use_ray=False,
+                           progress=False, compile=True)
+    assert not eager["compiled"] and compiled["compiled"] and compiled["count"] == eager["count"] == 998
+    assert np.allclose(np.load(tmp_path / "compiled/embeddings.npy"), np.load(tmp_path / "eager/embeddings.npy"),
+                       atol=1e-5)
+    assert pq.read_table(tmp_path / "compiled/metadata.parquet").equals(pq.read_table(tmp_path / "eager/metadata.parquet"))

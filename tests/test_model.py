@@ -109,3 +109,25 @@ def test_memory_bank_equals_multihead_attention_averaged_over_slots():
     slots, _ = reference(queries, features, features, key_padding_mask=~mask, need_weights=False)
     packed, segment = features[mask], mask.nonzero()[:, 0]  # what the encoders hand the projector
     assert torch.allclose(projector(packed, segment, 3), slots.mean(1), atol=1e-12)
+
+
+def test_inference_path_equals_the_training_path():
+    """Without autograd the model folds the projector's key/value projections and computes GINE's
+    inputs once per distinct atom/bond row (tmr/model.py, tmr/encoders.py): the embeddings equal
+    those of the path training differentiates, for both modalities, with Mol2vec inputs too."""
+    torch.manual_seed(0)
+    model = create_model(load_config("cpu").model).eval()
+    smiles = SMILES + ["O=C(O)C1=CC=CC=C1O", "C[C@H](N)C(=O)O", "[Na+].[Cl-]", "N#Cc1ccc(Br)cc1"]
+    from torch_geometric.data import Batch
+
+    from tmr.data import featurize
+
+    graphs = Batch.from_data_list([featurize(s) for s in smiles])
+    tokens = model.tokenizer(TEXTS, padding=True, return_tensors="pt")
+    outputs = []
+    for grad in (True, False):
+        with torch.set_grad_enabled(grad):
+            outputs.append((model.forward_text(tokens["input_ids"], tokens["attention_mask"])[0].detach(),
+                            model.forward_molecule(graphs)[0].detach()))
+    (texts, molecules), (fast_texts, fast_molecules) = outputs
+    assert torch.allclose(texts, fast_texts, atol=1e-5) and torch.allclose(molecules, fast_molecules, atol=1e-5)

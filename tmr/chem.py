@@ -53,6 +53,13 @@ def properties(smiles: str) -> dict:
     return {**values, "lipinski_violations": violations, "lipinski": violations <= 1}
 
 
+@lru_cache(maxsize=200_000)
+def inchikey(smiles: str) -> str:
+    """The InChIKey of a result ("" if RDKit cannot make one): computed when served, not when indexed."""
+    mol = molecule(smiles)
+    return (Chem.MolToInchiKey(mol) or "") if mol is not None else ""
+
+
 def tanimoto(query_smiles: str, smiles: str) -> float | None:
     a, b = molecule(query_smiles), molecule(smiles)
     if a is None or b is None:

@@ -39,17 +39,18 @@ log = logging.getLogger("tmr.distributed")
 STATE_TAG = "state"  # DeepSpeed checkpoint tag inside every Ray checkpoint
 
 
-def init_ray(num_cpus: int | None = None, object_store_mib: int = 512) -> None:
+def init_ray(num_cpus: int | None = None, object_store_mib: int = 512, dashboard: bool = True) -> None:
     """Join the cluster a `ray job submit` runs in ($RAY_ADDRESS), else start a local Ray with explicit
-    CPUs and a modest object store. The dashboard stays on: it serves the state API that Ray Train's
-    controller polls."""
+    CPUs and a modest object store. The dashboard stays on for training: it serves the state API
+    that Ray Train's controller polls; an index build turns it off (its processes took ~10% of a
+    core from the embedding actors on 2 cores)."""
     import ray
 
     if "RAY_ADDRESS" in os.environ:
         ray.init()
     else:
         ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), object_store_memory=object_store_mib * 1024**2,
-                 include_dashboard=True)
+                 include_dashboard=dashboard)
 
 
 def deepspeed_config(config: RunConfig, world_size: int, use_gpu: bool) -> dict:

@@ -182,11 +182,15 @@ class MoleculeEncoder(nn.Module):
 
     def forward(self, graphs: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         if self.kind == "gine":
-            h = self.atoms(graphs.x)
-            if self.mol2vec_proj is not None:
-                h = h + self.mol2vec_proj(self.mol2vec(graphs.morgan))
-            for i, (conv, bonds) in enumerate(zip(self.convs, self.bonds)):
-                h = conv(h, graphs.edge_index, bonds(graphs.edge_attr))
+            if torch.is_grad_enabled():
+                h = self.atoms(graphs.x)
+                if self.mol2vec_proj is not None:
+                    h = h + self.mol2vec_proj(self.mol2vec(graphs.morgan))
+                edges = [bonds(graphs.edge_attr) for bonds in self.bonds]
+            else:
+                h, edges = self._inputs_by_distinct_rows(graphs)
+            for i, (conv, edge_features) in enumerate(zip(self.convs, edges)):
+                h = conv(h, graphs.edge_index, edge_features)
                 h = F.relu(h) if i < len(self.convs) - 1 else h
         else:
             h = self.mol2vec(graphs.morgan)
@@ -194,3 +198,27 @@ class MoleculeEncoder(nn.Module):
                 h = conv(h, graphs.edge_index)
                 h = F.relu(h) if i < len(self.convs) - 1 else h
         return self.norm(self.mlp(h)), graphs.batch  # (atoms, D) features and each atom's molecule
+
+    def _inputs_by_distinct_rows(self, graphs: Batch) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """GINE's atom and per-layer bond inputs, computed once per distinct row and gathered.
+
+        Inference only (no autograd): a batch of 256 molecules has ~5,000 atoms but about a hundred
+        distinct category rows, a few hundred Morgan identifiers and a dozen distinct bonds, so summing the
+        embeddings and projecting Mol2vec once per distinct row takes a fraction of the time. Each
+        row's sum is added in the same order as in `forward` with gradients."""
+        atoms, atom_inverse = _distinct_rows(graphs.x)
+        h = self.atoms(atoms)[atom_inverse]
+        if self.mol2vec_proj is not None:
+            morgan, morgan_inverse = torch.unique(graphs.morgan, return_inverse=True)
+            h = h + self.mol2vec_proj(self.mol2vec(morgan))[morgan_inverse]
+        bonds, bond_inverse = _distinct_rows(graphs.edge_attr)
+        return h, [encoder(bonds)[bond_inverse] for encoder in self.bonds]
+
+
+def _distinct_rows(categories: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """torch.unique(rows, dim=0, return_inverse=True) for small non-negative categories, through one
+    int64 key per row (mixed radix): unique over rows is a Python-speed loop on CPU."""
+    radix = categories.max(0).values + 1 if len(categories) else torch.ones(categories.shape[1], dtype=torch.long)
+    place = torch.cumprod(torch.cat([radix.new_ones(1), radix[:-1]]), 0)
+    keys, inverse = torch.unique(categories @ place, return_inverse=True)
+    return categories[torch.zeros_like(keys).scatter_(0, inverse, torch.arange(len(inverse)))], inverse

@@ -2,7 +2,7 @@
 
 An index directory holds
     embeddings.npy     (N, D) float32 or float16, unit norm, row i = metadata row i
-    metadata.parquet   id, smiles (canonical), inchikey, name, text
+    metadata.parquet   id, smiles (canonical), name, text (results get their InChIKey when served)
     index.faiss        the approximate index (HNSW, IVF-flat or IVF-PQ); an exact index searches
                        embeddings.npy directly (numpy / torch beat faiss' flat index here)
     manifest.json      kind, model fingerprint, count, dim, index type, its search parameter chosen
@@ -39,7 +39,6 @@ def model_fingerprint(model_dir: str | Path) -> str:
 class LibraryRows:
     ids: list[str]
     smiles: list[str]
-    inchikeys: list[str]
     names: list[str]
     texts: list[str]
     skipped: list[tuple[str, str]]
@@ -169,7 +168,7 @@ def write_index(out: str | Path, embeddings: np.ndarray, rows: LibraryRows, kind
     manifest["index_build_seconds"] = round(time.time() - started, 2)
     with atomic_directory(out) as staging:
         np.save(staging / "embeddings.npy", embeddings.astype(dtype))
-        pq.write_table(pa.table({"id": rows.ids, "smiles": rows.smiles, "inchikey": rows.inchikeys, "name": rows.names,
+        pq.write_table(pa.table({"id": rows.ids, "smiles": rows.smiles, "name": rows.names,
                                  "text": rows.texts}), staging / "metadata.parquet")
         if index is not None:
             faiss.write_index(index, str(staging / "index.faiss"))

@@ -270,7 +270,8 @@ class Ingress:
         def decorate(result: dict) -> dict:
             link = self.info_["molecules"].get("id_url")
             query = f"&query={quote(query_smiles, safe='')}" if query_smiles else ""
-            extra = {"inchikey": inchikey(result["smiles"]), "properties": properties(result["smiles"]), "url": link.format(id=result["id"]) if link else None,
+            extra = {"inchikey": inchikey(result["smiles"]), "properties": properties(result["smiles"]),
+                     "url": link.format(id=result["id"]) if link else None,
                      "depiction": f"depict?smiles={quote(result['smiles'], safe='')}{query}"}
             if query_smiles:
                 extra["tanimoto"] = tanimoto(query_smiles, result["smiles"])

@@ -167,39 +167,37 @@ def test_mol2vec_table_resolves_like_the_data_root(tmp_path, monkeypatch, chebi_
 
 
 def test_fast_featurisation_equals_pyg_from_rdmol_and_its_batches(chebi_root):
-    """`atom_bond_features` / `graph_batch` (what index builds use) give exactly PyG's `from_rdmol`
-    graphs and `Batch.from_data_list`, on every ChEBI-20 molecule (odd charges, metals, stereo) and
-    MOSES drug-like ones; a molecule outside PyG's vocabularies is rejected by both and left out."""
+    """`graph_batch` (what index builds and `featurize` use) gives exactly PyG's `from_rdmol` graphs
+    and `Batch.from_data_list`, on every ChEBI-20 molecule (odd charges, metals, stereo) and MOSES
+    drug-like ones; a molecule outside PyG's vocabularies is rejected by both, with the reason."""
     import gzip
 
     from rdkit import Chem
     from torch_geometric.data import Batch
     from torch_geometric.utils import from_rdmol
 
-    from tmr.data.featurize import ParsedMolecule, atom_bond_features, featurize_parsed, graph_batch
+    from tmr.data.featurize import ParsedMolecule, featurize_parsed, graph_batch
 
     pool = chebi_root / "molecules.tsv"
     smiles = [line.split("\t")[1] for line in pool.read_text().splitlines()[1:]]
     with gzip.open(chebi_root.parent / "moses" / "train.csv.gz", "rt") as handle:
         smiles += [line.strip() for _, line in zip(range(2001), handle)][1:]
     mols = [mol for mol in map(Chem.MolFromSmiles, smiles) if mol is not None]
-    rejected = 0
     for mol in mols:
+        graph, kept, rejected = graph_batch([mol])
         try:
             reference = from_rdmol(mol)
         except ValueError:
-            with pytest.raises(KeyError):
-                atom_bond_features(mol)
-            rejected += 1
+            assert kept == [] and "outside PyG's vocabulary" in rejected[0]
             continue
-        x, edge_index, edge_attr = atom_bond_features(mol)
-        assert torch.equal(x, reference.x) and torch.equal(edge_index, reference.edge_index)
-        assert torch.equal(edge_attr, reference.edge_attr)
+        assert kept == [0] and not rejected
+        assert torch.equal(graph.x, reference.x) and torch.equal(graph.edge_index, reference.edge_index)
+        assert torch.equal(graph.edge_attr, reference.edge_attr)
     assert len(mols) > 30_000
 
     part = mols[-300:] + [Chem.MolFromSmiles("[Fe+12]")]  # a charge outside PyG's vocabulary
-    batch, kept = graph_batch(part)
-    assert kept == list(range(300))
+    batch, kept, rejected = graph_batch(part)
+    assert kept == list(range(300)) and list(rejected) == [300]
     reference = Batch.from_data_list([featurize_parsed(ParsedMolecule(m, ""), "") for m in part[:300]])
     for key in ("x", "edge_index", "edge_attr", "morgan", "batch", "ptr"):
         assert torch.equal(getattr(batch, key), getattr(reference, key)), key

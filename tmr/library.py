@@ -87,7 +87,7 @@ def embed_chunk(model, rows: list[list], kind: str, batch_size: int = 256) -> di
     chunk; unparsable rows are skipped with their reason. Returns the embeddings and, per kept
     row, its position in the chunk. Molecules are featurised straight into one PyG Batch per
     `batch_size` (`graph_batch`): the per-molecule graphs were most of a build's time."""
-    from tmr.data.featurize import InvalidMolecule, featurize_parsed, graph_batch, parse_smiles
+    from tmr.data.featurize import InvalidMolecule, graph_batch, parse_smiles
 
     parsed, skipped = [], []
     for position, (identifier, smiles, name, text) in enumerate(rows):
@@ -99,13 +99,9 @@ def embed_chunk(model, rows: list[list], kind: str, batch_size: int = 256) -> di
     if kind == "molecule":
         for start in range(0, len(parsed), batch_size):
             part = parsed[start:start + batch_size]
-            graphs, featurised = graph_batch([molecule.mol for _, molecule in part])
-            for missing in sorted(set(range(len(part))) - set(featurised)):  # outside PyG's vocabularies: say why
-                position, molecule = part[missing]
-                try:
-                    featurize_parsed(molecule, rows[position][1])
-                except InvalidMolecule as error:
-                    skipped.append((position, str(error)))
+            graphs, featurised, rejected = graph_batch([molecule.mol for _, molecule in part])
+            skipped += [(part[i][0], f"unsupported atom or bond in {rows[part[i][0]][1]!r}: {reason}")
+                        for i, reason in rejected.items()]
             kept += [part[i] for i in featurised]
             if featurised:
                 vectors.append(model.encode_batch(graphs).numpy())

@@ -59,8 +59,6 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads (and CPUs reserved) per actor")
     parser.add_argument("--num-cpus", type=int, default=os.cpu_count())
     parser.add_argument("--no-ray", action="store_true", help="embed in this process (no Ray)")
-    parser.add_argument("--compile", choices=["auto", "on", "off"], default="auto",
-                        help="torch.compile the molecule encoder in each actor (auto: libraries of 50,000 rows or more)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if not args.no_ray:
@@ -69,7 +67,7 @@ def main() -> None:
     queries = recall_queries(args.model, library, args.kind, args.limit, args.data) if args.index != "exact" else None
     manifest = build_index(library, args.model, args.out, args.kind, args.index, args.dtype, args.limit,
                            args.chunk_size, args.actors, args.threads, use_ray=not args.no_ray, queries=queries,
-                           recall_target=args.recall_target, compile={"auto": None, "on": True, "off": False}[args.compile])
+                           recall_target=args.recall_target)
     print(json.dumps(manifest, indent=2))
 
 

@@ -111,23 +111,59 @@ def test_memory_bank_equals_multihead_attention_averaged_over_slots():
     assert torch.allclose(projector(packed, segment, 3), slots.mean(1), atol=1e-12)
 
 
-def test_inference_path_equals_the_training_path():
-    """Without autograd the model folds the projector's key/value projections and computes GINE's
-    inputs once per distinct atom/bond row (tmr/model.py, tmr/encoders.py): the embeddings equal
-    those of the path training differentiates, for both modalities, with Mol2vec inputs too."""
+def test_inference_path_equals_the_training_path(chebi_root):
+    """Without autograd the model runs GINE once per distinct atom environment, its products through
+    OpenBLAS, and folds the projector's key/value projections (tmr/model.py, tmr/encoders.py): the
+    embeddings equal those of the path training differentiates, for both modalities, with Mol2vec
+    inputs too, on a batch with repeated, symmetric, disconnected and one-atom molecules."""
     torch.manual_seed(0)
-    model = create_model(load_config("cpu").model).eval()
-    smiles = SMILES + ["O=C(O)C1=CC=CC=C1O", "C[C@H](N)C(=O)O", "[Na+].[Cl-]", "N#Cc1ccc(Br)cc1"]
+    config = load_config("cpu", [f"model.molecule.mol2vec_path={chebi_root.parent / 'mol2vec/tokens.npz'}"])
+    model = create_model(config.model).eval()
     from torch_geometric.data import Batch
 
     from tmr.data import featurize
+    from tmr.data.sources import read_pairs
 
+    pairs, _ = read_pairs(chebi_root / "validation.txt")
+    smiles = SMILES + ["O=C(O)C1=CC=CC=C1O", "C[C@H](N)C(=O)O", "[Na+].[Cl-]", "N#Cc1ccc(Br)cc1", "[He]", "CCO",
+                       "C1CCCCC1", "c1ccc2ccccc2c1"] + [p.smiles for p in pairs[:150]]
     graphs = Batch.from_data_list([featurize(s) for s in smiles])
     tokens = model.tokenizer(TEXTS, padding=True, return_tensors="pt")
     outputs = []
     for grad in (True, False):
         with torch.set_grad_enabled(grad):
             outputs.append((model.forward_text(tokens["input_ids"], tokens["attention_mask"])[0].detach(),
-                            model.forward_molecule(graphs)[0].detach()))
-    (texts, molecules), (fast_texts, fast_molecules) = outputs
-    assert torch.allclose(texts, fast_texts, atol=1e-5) and torch.allclose(molecules, fast_molecules, atol=1e-5)
+                            *(part.detach() for part in model.forward_molecule(graphs))))
+    (texts, molecules, pooled), (fast_texts, fast_molecules, fast_pooled) = outputs
+    assert torch.allclose(texts, fast_texts, atol=1e-5)
+    assert torch.allclose(molecules, fast_molecules, atol=1e-5) and torch.allclose(pooled, fast_pooled, atol=1e-5)
+    nodes, rows, segment = model.molecule_encoder.forward_distinct(graphs)
+    assert len(nodes) < 0.8 * graphs.num_nodes  # environments really are shared (and each computed once)
+    assert torch.allclose(nodes[rows], model.molecule_encoder(graphs)[0].detach(), atol=1e-5)
+
+
+def test_atom_environments_are_weisfeiler_lehman_colours():
+    """Two atoms share an environment after a layer iff they had the same one before and the same
+    multiset of (neighbour environment, bond): benzene's atoms are one, toluene's ring splits by
+    distance from the methyl, and the same molecule twice in a batch shares every environment."""
+    from torch_geometric.data import Batch
+
+    from tmr.data import featurize
+    from tmr.encoders import _refine
+
+    def colours(smiles, layers):
+        graphs = Batch.from_data_list([featurize(s) for s in smiles])
+        colour = torch.unique(graphs.x @ torch.tensor([1 << (6 * i) for i in range(9)]), return_inverse=True)[1]
+        bond = torch.unique(graphs.edge_attr @ torch.tensor([1, 64, 4096]), return_inverse=True)[1]
+        source, target = graphs.edge_index
+        for _ in range(layers):
+            colour, count = _refine(colour, colour[source] * (int(bond.max()) + 1) + bond, target,
+                                    (int(colour.max()) + 1) * (int(bond.max()) + 1))
+        return colour.tolist()
+
+    assert len(set(colours(["c1ccccc1"], 3))) == 1
+    toluene = colours(["Cc1ccccc1"], 3)  # methyl, ipso, ortho, meta, para, meta, ortho
+    assert toluene[2] == toluene[6] and toluene[3] == toluene[5] and len(set(toluene)) == 5
+    assert len(set(colours(["Cc1ccccc1"], 1))) == 4  # after one layer ortho/meta/para are not yet told apart
+    twice = colours(["CC(=O)O", "CC(=O)O"], 3)
+    assert twice[:4] == twice[4:]

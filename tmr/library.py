@@ -29,7 +29,7 @@ from tmr.index import PUBCHEM_COMPOUND, LibraryRows, model_fingerprint, write_in
 
 log = logging.getLogger("tmr.library")
 FIELDS = ("ids", "smiles", "names", "texts")
-COMPILE_FROM = 50_000  # rows: below this, compiling (about a minute per actor) costs more than it saves
+EMBED_BATCH = 1024  # molecules per forward pass: the more, the more atom environments repeat (tmr/encoders.py)
 
 
 def read_raw(path: str | Path, kind: str = "molecule", limit: int | None = None) -> tuple[list[tuple], list, str | None]:
@@ -62,15 +62,13 @@ def read_raw(path: str | Path, kind: str = "molecule", limit: int | None = None)
 class ChunkEmbedder:
     """Ray Data callable class: one model per actor; a batch is one or more chunks of raw rows."""
 
-    def __init__(self, model_dir: str, kind: str, threads: int = 1, compile: bool = False):
+    def __init__(self, model_dir: str, kind: str, threads: int = 1):
         import torch
 
         from tmr.model import from_pretrained
 
         torch.set_num_threads(threads)
         self.model, self.kind = from_pretrained(model_dir), kind
-        if compile and kind == "molecule":
-            self.model.compile_molecule_path()
 
     def __call__(self, batch: dict) -> dict:
         out = {key: [] for key in ("chunk", "embeddings", "kept", *FIELDS, "skipped")}
@@ -82,7 +80,7 @@ class ChunkEmbedder:
         return out
 
 
-def embed_chunk(model, rows: list[list], kind: str, batch_size: int = 256) -> dict:
+def embed_chunk(model, rows: list[list], kind: str, batch_size: int = EMBED_BATCH) -> dict:
     """Parse, canonicalise, featurise (molecules only: a text corpus embeds its texts) and embed one
     chunk; unparsable rows are skipped with their reason. Returns the embeddings and, per kept
     row, its position in the chunk. Molecules are featurised straight into one PyG Batch per
@@ -131,12 +129,9 @@ def _load_chunk(path: Path) -> tuple[np.ndarray, dict]:
 def build_index(library: str | Path, model_dir: str | Path, out: str | Path, kind: str = "molecule",
                 index_type: str = "exact", dtype: str = "float32", limit: int | None = None, chunk_size: int = 10_000,
                 actors: int = 1, threads: int = 1, use_ray: bool = True, progress: bool = True,
-                queries: dict[str, np.ndarray] | None = None, recall_target: float = 0.95,
-                compile: bool | None = None) -> dict:
+                queries: dict[str, np.ndarray] | None = None, recall_target: float = 0.95) -> dict:
     """Build (or resume building) an index directory; returns its manifest with throughput figures.
-    `queries` (name -> embeddings) are what an approximate index's recall is tuned on. `compile`:
-    torch.compile the molecule encoder in every actor (twice as fast, after about a minute of
-    compiling; None: when the library has COMPILE_FROM rows or more)."""
+    `queries` (name -> embeddings) are what an approximate index's recall is tuned on."""
     from tqdm.auto import tqdm
 
     started = time.time()
@@ -144,10 +139,9 @@ def build_index(library: str | Path, model_dir: str | Path, out: str | Path, kin
     read_seconds = time.time() - started
     out = Path(out)
     partial = out.with_name(out.name + ".partial")
-    compile = len(raw) >= COMPILE_FROM if compile is None else compile
     plan = {"library": str(Path(library).resolve()), "size": Path(library).stat().st_size, "kind": kind,
             "limit": limit, "chunk_size": chunk_size, "rows": len(raw), "model": model_fingerprint(model_dir),
-            "compile": compile}  # compiled and eager embeddings differ by float rounding: one build, one mode
+            "batch_size": EMBED_BATCH}  # embeddings differ by float rounding with the batch: one build, one size
     plan_file = partial / "build.json"
     if partial.exists() and (not plan_file.exists() or json.loads(plan_file.read_text()) != plan):
         log.warning("%s holds a different build; starting over", partial)
@@ -162,14 +156,13 @@ def build_index(library: str | Path, model_dir: str | Path, out: str | Path, kin
     bar = tqdm(total=len(raw), initial=sum(len(chunks[i]) for i in done), unit="mol" if kind == "molecule" else "text",
                desc=f"indexing {Path(library).name}", disable=not progress, smoothing=0.1)
     embed_started = time.time()
-    for chunk, embeddings, record in _embed_chunks(chunks, todo, model_dir, kind, actors, threads, use_ray, compile):
+    for chunk, embeddings, record in _embed_chunks(chunks, todo, model_dir, kind, actors, threads, use_ray):
         _save_chunk(partial, chunk, embeddings, record)
         bar.update(len(chunks[chunk]))
     bar.close()
     embed_seconds = time.time() - embed_started
     figures = {"library": str(library), "limit": limit, "read_seconds": round(read_seconds, 2),
                "embed_seconds": round(embed_seconds, 2), "resumed_chunks": len(done), "actors": actors,
-               "compiled": compile,
                "items_per_second": round(sum(len(chunks[i]) for i in todo) / max(embed_seconds, 1e-9), 1)}
     manifest = _assemble(partial, len(chunks), kind, out, model_dir, index_type, dtype, skipped_reading, id_url, figures,
                          queries, recall_target)
@@ -177,13 +170,12 @@ def build_index(library: str | Path, model_dir: str | Path, out: str | Path, kin
     return manifest
 
 
-def _embed_chunks(chunks: list, todo: list[int], model_dir, kind: str, actors: int, threads: int, use_ray: bool,
-                  compile: bool):
+def _embed_chunks(chunks: list, todo: list[int], model_dir, kind: str, actors: int, threads: int, use_ray: bool):
     """(chunk number, embeddings, record) for each chunk in `todo`, as they finish."""
     if not todo:
         return
     if not use_ray:
-        embedder = ChunkEmbedder(str(model_dir), kind, threads, compile)
+        embedder = ChunkEmbedder(str(model_dir), kind, threads)
         for chunk in todo:
             yield _unpack(embedder({"chunk": [chunk], "rows": [json.dumps(chunks[chunk])]}), 0)
         return
@@ -192,7 +184,7 @@ def _embed_chunks(chunks: list, todo: list[int], model_dir, kind: str, actors: i
     ray.data.DataContext.get_current().enable_progress_bars = False  # the build's own bar counts molecules
     items = [{"chunk": chunk, "rows": json.dumps(chunks[chunk])} for chunk in todo]
     dataset = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
-        ChunkEmbedder, fn_constructor_args=(str(model_dir), kind, threads, compile), batch_size=1,
+        ChunkEmbedder, fn_constructor_args=(str(model_dir), kind, threads), batch_size=1,
         compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=threads, batch_format="numpy")
     for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
         for i in range(len(batch["chunk"])):

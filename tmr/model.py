@@ -40,6 +40,21 @@ def segment_mean(features: torch.Tensor, segment: torch.Tensor, size: int) -> to
     return total / count.unsqueeze(-1)
 
 
+def segment_weighted_sum(weights: torch.Tensor, rows: torch.Tensor, segment: torch.Tensor, size: int,
+                         features: torch.Tensor) -> torch.Tensor:
+    """sum over each segment's packed elements n of weights[n, j] * features[rows[n]], for every column j:
+    (N, J), (N,), (N,) sorted, size, (C, D) -> (size, J, D). One sparse (size x C) product per column,
+    so no (N, J, D) tensor is built (a tenth of the time of gathering and scattering on CPU)."""
+    if len(segment) > 1 and bool((segment[1:] < segment[:-1]).any()):
+        raise ValueError("segments must be sorted (PyG batches are)")
+    crow = torch.zeros(size + 1, dtype=torch.long, device=segment.device)
+    crow[1:] = torch.cumsum(torch.bincount(segment, minlength=size), 0)
+    with warnings.catch_warnings():  # "sparse CSR support is in beta": CSR @ dense is all this uses
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.stack([torch.sparse_csr_tensor(crow, rows, column.contiguous(), (size, len(features))) @ features
+                            for column in weights.unbind(1)], 1)
+
+
 class MemoryBankProjector(nn.Module):
     """K learnable memory vectors, the queries of one multi-head cross-attention shared by both modalities.
 
@@ -64,16 +79,22 @@ class MemoryBankProjector(nn.Module):
             self.memory = nn.Parameter(torch.randn(memory_size, dim) * dim**-0.5)
             self.query, self.key, self.value, self.out = (nn.Linear(dim, dim) for _ in range(4))
 
-    def forward(self, features: torch.Tensor, segment: torch.Tensor, size: int) -> torch.Tensor:
-        """(N, D) packed features, (N,) segment of each row, number of segments -> (size, D)."""
-        if self.memory_size == 0:
-            return segment_mean(features, segment, size)
+    def forward(self, features: torch.Tensor, segment: torch.Tensor, size: int, rows: torch.Tensor | None = None
+                ) -> torch.Tensor:
+        """(N, D) packed features, (N,) segment of each row, number of segments -> (size, D).
+        With `rows` (inference only), the packed features are `features[rows]`: distinct rows, each
+        scored once."""
+        if self.memory_size == 0 or (rows is not None and torch.is_grad_enabled()):
+            features = features if rows is None else features[rows]
+            if self.memory_size == 0:
+                return segment_mean(features, segment, size)
+            rows = None
         from torch_geometric.utils import softmax
 
         dim, heads = features.shape[-1], self.num_heads
         queries = self.query(self.memory).view(-1, heads, dim // heads)  # (K, h, d/h)
         if not torch.is_grad_enabled():
-            return self._pool_folded(features, segment, size, queries)
+            return self._pool_folded(features, segment, size, queries, rows)
         keys = self.key(features).view(-1, heads, dim // heads)  # (N, h, d/h)
         values = self.value(features).view(-1, heads, dim // heads)
         scores = torch.einsum("nhd,khd->nhk", keys, queries) * (dim // heads) ** -0.5
@@ -81,8 +102,8 @@ class MemoryBankProjector(nn.Module):
         pooled = values.new_zeros(size, heads, dim // heads).index_add(0, segment, weights.unsqueeze(-1) * values)
         return self.out(pooled.reshape(size, dim))  # heads concatenated
 
-    def _pool_folded(self, features: torch.Tensor, segment: torch.Tensor, size: int, queries: torch.Tensor
-                     ) -> torch.Tensor:
+    def _pool_folded(self, features: torch.Tensor, segment: torch.Tensor, size: int, queries: torch.Tensor,
+                     rows: torch.Tensor | None = None) -> torch.Tensor:
         """The same output with the key and value projections folded out of the per-row work
         (inference only; equal up to float rounding, tested). Scores are linear in the features, so
         keys . queries = features @ (W_k^T queries) + b_k . queries; and each head's weights sum to
@@ -93,11 +114,16 @@ class MemoryBankProjector(nn.Module):
         dim, heads, memory = features.shape[-1], self.num_heads, queries.shape[0]
         per_head = dim // heads
         key_weight = self.key.weight.view(heads, per_head, dim)  # head h's rows of W_k
-        score_weight = torch.einsum("hdi,khd->ihk", key_weight, queries).reshape(dim, heads * memory)
-        score_bias = torch.einsum("hd,khd->hk", self.key.bias.view(heads, per_head), queries).reshape(-1)
-        scores = torch.addmm(score_bias, features, score_weight).view(-1, heads, memory) * per_head**-0.5
+        scale = per_head**-0.5  # folded into the (D, heads*K) product rather than applied per row
+        score_weight = torch.einsum("hdi,khd->ihk", key_weight, queries).reshape(dim, heads * memory) * scale
+        score_bias = torch.einsum("hd,khd->hk", self.key.bias.view(heads, per_head), queries).reshape(-1) * scale
+        scores = torch.addmm(score_bias, features, score_weight)
+        scores = (scores if rows is None else scores[rows]).view(-1, heads, memory)
         weights = softmax(scores, segment, num_nodes=size, dim=0).mean(-1)  # (N, h)
-        pooled = features.new_zeros(size, heads, dim).index_add(0, segment, weights.unsqueeze(-1) * features.unsqueeze(1))
+        if rows is None:
+            pooled = features.new_zeros(size, heads, dim).index_add(0, segment, weights.unsqueeze(-1) * features.unsqueeze(1))
+        else:
+            pooled = segment_weighted_sum(weights, rows, segment, size, features)
         value_weight = self.value.weight.view(heads, per_head, dim)
         values = torch.einsum("shi,hdi->shd", pooled, value_weight) + self.value.bias.view(heads, per_head)
         return self.out(values.reshape(size, dim))
@@ -246,12 +272,21 @@ class TMRModel(nn.Module):
         return self.head(self.projector(tokens, segment, size), TEXT), segment_mean(tokens, segment, size)
 
     def forward_molecule(self, graphs: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-        nodes, segment = self.molecule_encoder(graphs)
         size = graphs.num_graphs
+        if torch.is_grad_enabled():
+            nodes, segment = self.molecule_encoder(graphs)
+            rows = None
+        else:  # inference: the GNN and the projector's scores once per distinct atom environment
+            nodes, rows, segment = self.molecule_encoder.forward_distinct(graphs)
+        if rows is None:
+            mean = segment_mean(nodes, segment, size)
+        else:
+            count = torch.bincount(segment, minlength=size).clamp(min=1).to(nodes.dtype)
+            mean = segment_weighted_sum((1 / count)[segment].unsqueeze(1), rows, segment, size, nodes)[:, 0]
         if self.config.architecture == "dual_encoder":
-            pooled = self.molecule_head(segment_mean(nodes, segment, size))
+            pooled = self.molecule_head(mean)
             return F.normalize(pooled, dim=-1), pooled
-        return self.head(self.projector(nodes, segment, size), MOLECULE), segment_mean(nodes, segment, size)
+        return self.head(self.projector(nodes, segment, size, rows), MOLECULE), mean
 
     def forward(self, batch: dict) -> dict[str, torch.Tensor]:
         text, text_pooled = self.forward_text(batch.get("input_ids"), batch["attention_mask"], batch.get("text_states"))
@@ -288,14 +323,6 @@ class TMRModel(nn.Module):
         for s in tqdm(range(0, len(graphs), batch_size), desc="embedding molecules", disable=not progress, leave=False):
             out.append(self.encode_batch(Batch.from_data_list([graphs[i] for i in range(s, min(s + batch_size, len(graphs)))])))
         return torch.cat(out) if out else torch.empty(0, self.config.embed_dim)
-
-    def compile_molecule_path(self) -> None:
-        """torch.compile the molecule encoder + projector + head for inference (library builds).
-
-        Measured on 2 CPU cores: 0.85 vs 1.65 ms per MOSES molecule, after ~65 s of compiling;
-        embeddings equal eager ones up to float rounding (tested). Inductor's freezing treats the
-        weights as constants (pre-packed for oneDNN): only for a model that is no longer trained."""
-        self.forward_molecule = torch.compile(self.forward_molecule, dynamic=True, options={"freezing": True})
 
     @torch.no_grad()
     def encode_batch(self, graphs: Batch) -> torch.Tensor:

@@ -82,7 +82,10 @@ def deepspeed_worker(loop_config: dict) -> None:
     else:  # alternate engine and plain steps in this worker: the engine's own cost, free of machine noise
         engine_times, plain_times = [], []
         for i in range(loop_config["steps"] + 3):
-            for run, times in ((step, engine_times), (plain, plain_times)):
+            # whichever runs first after the other model's step finds the caches cold (measured: the
+            # first of each pair ~5% slower, whichever it is), so each goes first every other step
+            pair = [(step, engine_times), (plain, plain_times)]
+            for run, times in (pair if i % 2 == 0 else pair[::-1]):
                 started = time.perf_counter()
                 run(batches[i % len(batches)])
                 if i >= 3:

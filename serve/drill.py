@@ -105,6 +105,7 @@ def plot(report: dict, path: Path) -> None:
     ax.axvspan(0, report["seconds"], color="grey", alpha=0.1, label=f"c={report['concurrency']} load")
     ax.set_xlabel("seconds")
     ax.set_ylabel("running replicas")
+    ax.yaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))  # replicas come whole
     ax.legend(fontsize=8, loc="upper right")
     fig.tight_layout()
     fig.savefig(path, dpi=120)

@@ -8,7 +8,8 @@ them, `threads` torch threads each): each parses, canonicalises, featurises and 
 (a progress bar with ETA over molecules). A build killed at any point and started again with the
 same arguments skips the chunks already written; at the end, duplicates (same canonical SMILES; the
 first row wins) are dropped across chunks in row order, so a resumed build writes the same index as an
-uninterrupted one, and the partial directory is removed.
+uninterrupted one (bit for bit with the same chunk size and threads; others change float rounding
+only), and the partial directory is removed.
 Duplicates are found by canonical SMILES (computed anyway): an InChIKey costs more than
 featurising a molecule, so the served results compute theirs (`tmr.chem.inchikey`) instead.
 """

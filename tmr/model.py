@@ -84,11 +84,10 @@ class MemoryBankProjector(nn.Module):
         """(N, D) packed features, (N,) segment of each row, number of segments -> (size, D).
         With `rows` (inference only), the packed features are `features[rows]`: distinct rows, each
         scored once."""
-        if self.memory_size == 0 or (rows is not None and torch.is_grad_enabled()):
-            features = features if rows is None else features[rows]
-            if self.memory_size == 0:
-                return segment_mean(features, segment, size)
-            rows = None
+        if rows is not None and (self.memory_size == 0 or torch.is_grad_enabled()):
+            features, rows = features[rows], None  # only the folded inference path scores distinct rows
+        if self.memory_size == 0:
+            return segment_mean(features, segment, size)
         from torch_geometric.utils import softmax
 
         dim, heads = features.shape[-1], self.num_heads

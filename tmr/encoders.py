@@ -300,7 +300,8 @@ def _refine(colour: torch.Tensor, neighbour: torch.Tensor, target: torch.Tensor,
     by_atom, keys = target[order], neighbour[order] + 1  # 0 marks "no more neighbours"
     table = torch.zeros(n, int(degree.max()) if len(target) else 0, dtype=torch.long, device=colour.device)
     table[by_atom, torch.arange(len(order), device=colour.device) - start[by_atom]] = keys
-    current, count = _compress(colour)
+    # colours come dense (ids 0..count-1 < n), so the folded keys stay far below 2**63
+    current, count = colour, int(colour.max()) + 1 if n else 0
     for column in table.unbind(1):
         current, count = _compress(current * (radix + 1) + column)
     return current, count
@@ -311,5 +312,5 @@ def _distinct_rows(categories: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     int64 key per row (mixed radix): unique over rows is a Python-speed loop on CPU."""
     radix = categories.max(0).values + 1 if len(categories) else torch.ones(categories.shape[1], dtype=torch.long)
     place = torch.cumprod(torch.cat([radix.new_ones(1), radix[:-1]]), 0)
-    keys, inverse = torch.unique(categories @ place, return_inverse=True)
-    return categories[torch.zeros_like(keys).scatter_(0, inverse, torch.arange(len(inverse)))], inverse
+    inverse, count = _compress(categories @ place)
+    return categories[_first_of_each(inverse, count)], inverse

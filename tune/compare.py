@@ -89,8 +89,20 @@ def markdown(summary: dict, runs: dict, command: str) -> str:
     return "\n".join(lines) + f"\n\nMean ± sample standard deviation over seeds {summary and next(iter(summary.values()))['seeds']}; `{command}`\n"
 
 
+def resolve_bases(runs: dict) -> dict:
+    """Each run with `base: other` gets other's preset and overrides first, then its own overrides."""
+    def resolved(name: str) -> dict:
+        spec = dict(runs[name])
+        if "base" in spec:
+            base = resolved(spec.pop("base"))
+            spec = {**spec, "preset": base.get("preset", "cpu"),
+                    "overrides": list(base.get("overrides", [])) + list(spec.get("overrides", []))}
+        return spec
+    return {name: resolved(name) for name in runs}
+
+
 def compare(runs_file: str, seeds: list[int], out: str, only: list[str] | None = None, threads: int = 1) -> dict:
-    runs = yaml.safe_load(Path(runs_file).read_text())["runs"]
+    runs = resolve_bases(yaml.safe_load(Path(runs_file).read_text())["runs"])
     if only:
         runs = {name: spec for name, spec in runs.items() if name in only}
     data = str(resolve_data_root(None))

@@ -148,13 +148,16 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
     crash_at = loop_config.get("crash_once_at_epoch")  # fault drill: see tests/test_ray_train.py
     for epoch in range(start_epoch, config.train.epochs + 1):
-        if crash_at == epoch and rank == world_size - 1 and not Path(loop_config["crash_marker"]).exists():
-            Path(loop_config["crash_marker"]).touch()
-            raise RuntimeError(f"fault drill: worker {rank} killed at epoch {epoch}")
         started, losses = time.time(), []
         loader.sampler.set_epoch(epoch)
         engine.train()
         for step, batch in enumerate(loader):
+            drill = crash_at == epoch and step == 1 and rank == world_size - 1
+            if drill and not Path(loop_config["crash_marker"]).exists():
+                # Mid-epoch, as a real failure would strike: step 0's collectives have made every rank finish
+                # the previous epoch's report, so its checkpoint is registered before the controller sees this.
+                Path(loop_config["crash_marker"]).touch()
+                raise RuntimeError(f"fault drill: worker {rank} killed in epoch {epoch}, step {step}")
             outputs = {k: v.float() for k, v in engine(to_device(batch, engine.device)).items()}
             terms = criterion(outputs, critic, engine.module.logit_scale)
             engine_backward(engine, terms["loss"], world_size)

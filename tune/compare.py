@@ -95,8 +95,7 @@ def resolve_bases(runs: dict) -> dict:
         spec = dict(runs[name])
         if "base" in spec:
             base = resolved(spec.pop("base"))
-            spec = {**spec, "preset": base.get("preset", "cpu"),
-                    "overrides": list(base.get("overrides", [])) + list(spec.get("overrides", []))}
+            spec = {**base, **spec, "overrides": list(base.get("overrides", [])) + list(spec.get("overrides", []))}
         return spec
     return {name: resolved(name) for name in runs}
 

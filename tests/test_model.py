@@ -4,10 +4,11 @@ import json
 
 import pytest
 import torch
+from torch_geometric.data import Batch
 
 from tmr.config import load_config
-from tmr.data import InvalidMolecule
-from tmr.model import create_model, from_pretrained
+from tmr.data import InvalidMolecule, featurize
+from tmr.model import create_model, drop_tokens, from_pretrained
 
 TEXTS = ["The molecule is ethanol, a primary alcohol.", "The molecule is benzene, an aromatic hydrocarbon."]
 SMILES = ["CCO", "c1ccccc1", "CC(C)Cc1ccc(cc1)C(C)C(=O)O"]
@@ -167,3 +168,31 @@ def test_atom_environments_are_weisfeiler_lehman_colours():
     assert len(set(colours(["Cc1ccccc1"], 1))) == 4  # after one layer ortho/meta/para are not yet told apart
     twice = colours(["CC(=O)O", "CC(=O)O"], 3)
     assert twice[:4] == twice[4:]
+
+
+def test_token_dropout_hides_tokens_in_training_only():
+    torch.manual_seed(0)
+    mask = torch.ones(16, 40, dtype=torch.long)
+    mask[8:, 30:] = 0  # padding
+    dropped = drop_tokens(mask, 0.5)
+    assert torch.all(dropped <= mask) and torch.all(dropped[:, 0] == 1)  # only hides; [CLS] always stays
+    assert 0.4 < 1 - dropped.sum().item() / mask.sum().item() < 0.6
+
+    model = create_model(load_config("tiny", ["model.text.token_dropout=0.5"]).model)
+    plain = create_model(load_config("tiny").model)
+    plain.load_state_dict(model.state_dict())
+    tokens = model.tokenizer(TEXTS, padding=True, return_tensors="pt")
+    batch = {"input_ids": tokens["input_ids"], "attention_mask": tokens["attention_mask"],
+             "graphs": Batch.from_data_list([featurize(s) for s in SMILES[:2]])}
+    for m in (model, plain):
+        m.train()
+        m.text_encoder.backbone.eval()  # no backbone dropout: token dropout is the only randomness
+    with torch.no_grad():
+        full = plain.forward_text(tokens["input_ids"], tokens["attention_mask"])[1]
+        assert torch.allclose(plain(batch)["text_pooled"], full)
+        assert not torch.allclose(model(batch)["text_pooled"], full)  # training saw fewer tokens
+    plain.load_state_dict(model.state_dict())  # (the training passes moved the BatchNorm statistics)
+    model.eval()
+    plain.eval()  # inference reads every token: the same embeddings as a model without token dropout
+    assert torch.equal(model.encode_text(TEXTS), plain.encode_text(TEXTS))
+

@@ -1,6 +1,7 @@
 """A tiny Ray Tune + Optuna sweep: ASHA stops trials early, the table and best model are written,
 and a sweep interrupted like a user would (Ctrl-C on its driver) continues with Tuner.restore."""
 
+import copy
 import csv
 import json
 import os
@@ -67,3 +68,28 @@ def test_tiny_sweep_is_interrupted_resumed_stops_early_and_writes_results(tmp_pa
     model = from_pretrained(out / "best_model")
     assert model.config.projector.memory_size == resumed["best_params"]["model.projector.memory_size"]
     assert (out / "sweep.png").stat().st_size > 10_000
+
+
+def test_results_table_runs_resolve_to_the_recipes_the_readme_names():
+    from compare import resolve_bases
+
+    from tmr.config import load_config
+
+    runs = resolve_bases(yaml.safe_load((ROOT / "tune/runs_cpu.yaml").read_text())["runs"])
+    configs = {name: load_config(spec.get("preset", "cpu"), list(spec.get("overrides", []))).to_dict()
+               for name, spec in runs.items()}
+    assert configs["full"] == load_config("cpu").to_dict()
+    previous = copy.deepcopy(configs["full_no_token_dropout"])  # the preset before token dropout: only that differs
+    assert previous["model"]["text"]["token_dropout"] == 0 and configs["full"]["model"]["text"]["token_dropout"] > 0
+    previous["model"]["text"]["token_dropout"] = configs["full"]["model"]["text"]["token_dropout"]
+    assert previous == configs["full"]
+    # every ablation removes one part from its recipe and keeps the rest
+    for recipe, prefix in (("full", "cpu_no_"), ("full_no_token_dropout", "full_no_"), ("full_b64", "no_")):
+        removed = {"memory_bank": configs[f"{prefix}memory_bank"]["model"]["projector"]["memory_size"],
+                   "second_order": configs[f"{prefix}second_order"]["loss"]["intra_weight"]
+                   + configs[f"{prefix}second_order"]["loss"]["cross_weight"],
+                   "adversarial": configs[f"{prefix}adversarial"]["loss"]["adversarial_weight"]}
+        assert removed == {"memory_bank": 0, "second_order": 0, "adversarial": 0}, recipe
+        for part in ("memory_bank", "second_order", "adversarial"):
+            assert configs[f"{prefix}{part}"]["train"] == configs[recipe]["train"], (recipe, part)
+            assert configs[f"{prefix}{part}"]["model"]["text"] == configs[recipe]["model"]["text"], (recipe, part)

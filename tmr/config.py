@@ -25,6 +25,7 @@ class TextEncoderConfig:
     max_length: int = 256
     trainable_layers: int = -1  # -1: all; 0: frozen; n: the top n transformer layers
     dropout: float | None = None  # None keeps the checkpoint's own dropout
+    token_dropout: float = 0.0  # training only: each text loses this fraction of its tokens (augmentation)
 
 
 @dataclass
@@ -126,11 +127,14 @@ def cpu_preset() -> RunConfig:
     epochs (README, "Results": measured against 64 x 12, 64 x 20, 128 x 20 and 256 x 20 at the same
     seed): the second-order distributions and the batch-hard negatives are over the global batch, a
     bigger batch gave the best held-out MRR on both pools, and the 33,010-pool MRR was still rising
-    at epoch 20.
+    at epoch 20. Token dropout 0.1 on the texts: the model ranks its fit pairs far better than held-out
+    ones (MRR 93 vs 62 within 500; 49 vs 12 over 33,010) and the cached backbone shows it the very
+    same states for a description every epoch; hiding a tenth of each description's tokens raised
+    the held-out MRR on both pools (README, "Results").
     """
     return RunConfig(
         model=ModelConfig(
-            text=TextEncoderConfig(max_length=256, trainable_layers=0),
+            text=TextEncoderConfig(max_length=256, trainable_layers=0, token_dropout=0.1),
             molecule=MoleculeEncoderConfig(kind="gine", hidden_dim=300, num_layers=3, mol2vec_features=True),
             projector=ProjectorConfig(memory_size=64, num_heads=4),
         ),

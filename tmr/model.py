@@ -55,6 +55,18 @@ def segment_weighted_sum(weights: torch.Tensor, rows: torch.Tensor, segment: tor
                             for column in weights.unbind(1)], 1)
 
 
+def drop_tokens(attention_mask: torch.Tensor, rate: float) -> torch.Tensor:
+    """Token dropout: hide a random `rate` of each text's tokens (the first, [CLS], always stays).
+
+    A frozen, cached text backbone shows the model the very same states for a description every
+    epoch, and on 2,801 pairs it ranks its fit pairs far better than held-out ones (MRR 93 vs 62);
+    with tokens dropped, each epoch shows a different part of every description, and held-out MRR
+    rises (README, "Results")."""
+    keep = torch.rand(attention_mask.shape, device=attention_mask.device) >= rate
+    keep[:, 0] = True
+    return attention_mask * keep
+
+
 class MemoryBankProjector(nn.Module):
     """K learnable memory vectors, the queries of one multi-head cross-attention shared by both modalities.
 
@@ -288,7 +300,10 @@ class TMRModel(nn.Module):
         return self.head(self.projector(nodes, segment, size, rows), MOLECULE), mean
 
     def forward(self, batch: dict) -> dict[str, torch.Tensor]:
-        text, text_pooled = self.forward_text(batch.get("input_ids"), batch["attention_mask"], batch.get("text_states"))
+        mask = batch["attention_mask"]
+        if self.training and self.config.text.token_dropout > 0:
+            mask = drop_tokens(mask, self.config.text.token_dropout)
+        text, text_pooled = self.forward_text(batch.get("input_ids"), mask, batch.get("text_states"))
         molecule, molecule_pooled = self.forward_molecule(batch["graphs"])
         return {"text": text, "molecule": molecule, "text_pooled": text_pooled, "molecule_pooled": molecule_pooled}
 

@@ -195,4 +195,3 @@ def test_token_dropout_hides_tokens_in_training_only():
     model.eval()
     plain.eval()  # inference reads every token: the same embeddings as a model without token dropout
     assert torch.equal(model.encode_text(TEXTS), plain.encode_text(TEXTS))
-

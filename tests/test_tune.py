@@ -93,3 +93,36 @@ def test_results_table_runs_resolve_to_the_recipes_the_readme_names():
         for part in ("memory_bank", "second_order", "adversarial"):
             assert configs[f"{prefix}{part}"]["train"] == configs[recipe]["train"], (recipe, part)
             assert configs[f"{prefix}{part}"]["model"]["text"] == configs[recipe]["model"]["text"], (recipe, part)
+
+
+def test_an_interrupted_comparison_resumes_keeping_its_finished_trials(tmp_path, train_root):
+    runs = tmp_path / "runs.yaml"
+    runs.write_text(yaml.safe_dump({"runs": {"tiny": {"preset": "tiny", "overrides": [
+        "train.epochs=1", "train.max_train_pairs=32", "train.batch_size=16"]}}}))
+    out = tmp_path / "compare"
+    command = [sys.executable, str(ROOT / "tune/compare.py"), "--runs", str(runs), "--seeds", "1", "2", "--out", str(out),
+               "--num-cpus", "1"]  # one trial at a time: the first finishes while the second runs
+    env = {**os.environ, "TMR_DATA": str(train_root)}
+    driver = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              start_new_session=True)
+    finished = lambda: [f for f in (out / "compare").glob("*/result.json") if f.stat().st_size > 0]  # noqa: E731
+    deadline = time.time() + 600
+    while not finished() and driver.poll() is None and time.time() < deadline:
+        time.sleep(1)
+    assert driver.poll() is None, "the comparison finished before it could be interrupted"
+    os.killpg(driver.pid, signal.SIGINT)
+    driver.wait(timeout=300)
+    (first,) = finished()
+    kept = json.loads(first.read_text())
+
+    other = subprocess.run(command[:5] + ["3"] + command[6:] + ["--resume"], env=env, capture_output=True, text=True)
+    assert other.returncode != 0 and "seeds [1, 2]" in other.stderr  # another grid: refused, nothing overwritten
+
+    subprocess.run(command + ["--resume"], env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    table = json.loads((out / "quality.json").read_text())
+    assert sorted(t["seed"] for t in table["trials"]) == [1, 2] and not any("error" in t for t in table["trials"])
+    assert table["summary"]["tiny"]["seeds"] and sorted(table["summary"]["tiny"]["seeds"]) == [1, 2]
+    assert first.read_text().count("\n") <= 1 and json.loads(first.read_text()) == kept  # kept, not trained again
+    kept_row = next(t for t in table["trials"] if t["seed"] == kept["config"]["seed"])
+    assert kept_row["split.text_to_molecule.mrr"] == kept["split.text_to_molecule.mrr"]
+    assert "--resume" not in table["command"]

@@ -1,12 +1,15 @@
 """The README's results table: runs (a preset plus overrides) x seeds, as one Ray Tune grid.
 
     python tune/compare.py --runs tune/runs_cpu.yaml --seeds 42 43 44 --out results/quality
+    python tune/compare.py --runs tune/runs_cpu.yaml --seeds 42 43 44 --out results/quality --resume
 
 Each (run, seed) is one trial: tmr's training loop on the provisional re-split (or the real split
 when train.txt exists), its best epoch by validation MRR scored on the select set with both
 pools. Trials run side by side, one CPU each. Out, under --out: quality.json (every trial's
 metrics, and per run the mean and sample standard deviation over seeds) and quality.md (the
-table as the README shows it, with the command that made it).
+table as the README shows it, with the command that made it). A comparison that was stopped (Ctrl-C,
+a machine going back) continues with the same command plus --resume (Tuner.restore): finished
+trials are kept, the ones that were running start again from their first epoch.
 """
 
 from __future__ import annotations
@@ -100,17 +103,34 @@ def resolve_bases(runs: dict) -> dict:
     return {name: resolved(name) for name in runs}
 
 
-def compare(runs_file: str, seeds: list[int], out: str, only: list[str] | None = None, threads: int = 1) -> dict:
+def compare(runs_file: str, seeds: list[int], out: str, only: list[str] | None = None, threads: int = 1,
+            resume: bool = False) -> dict:
     runs = resolve_bases(yaml.safe_load(Path(runs_file).read_text())["runs"])
     if only:
+        unknown = sorted(set(only) - set(runs))
+        if unknown:
+            raise SystemExit(f"--only: no run named {', '.join(unknown)} in {runs_file}")
         runs = {name: spec for name, spec in runs.items() if name in only}
     data = str(resolve_data_root(None))
     out_dir = Path(out).resolve()
     trainable = tune.with_resources(tune.with_parameters(run_one, runs=runs, data=data, threads=threads),
                                     {"cpu": threads})
-    tuner = tune.Tuner(trainable,
-                       param_space={"run": tune.grid_search(list(runs)), "seed": tune.grid_search(seeds)},
-                       run_config=tune.RunConfig(name="compare", storage_path=str(out_dir)))
+    experiment, grid = out_dir / "compare", {"runs": list(runs), "seeds": list(seeds)}
+    if resume and tune.Tuner.can_restore(str(experiment)):
+        stored = json.loads((out_dir / "grid.json").read_text()) if (out_dir / "grid.json").exists() else None
+        if stored != grid:  # Tune restores the stored grid: resuming another would mislabel the table
+            held = f"runs {stored['runs']} x seeds {stored['seeds']}" if stored else "a comparison without grid.json"
+            raise SystemExit(f"--resume: {out} holds {held}, not runs {grid['runs']} x seeds {grid['seeds']}; "
+                             "resume with those, or start afresh with another --out")
+        tuner = tune.Tuner.restore(str(experiment), trainable, resume_unfinished=True, restart_errored=True)
+    else:
+        if resume:
+            print(f"--resume: nothing to resume under {out}; starting afresh", file=sys.stderr)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "grid.json").write_text(json.dumps(grid))
+        tuner = tune.Tuner(trainable,
+                           param_space={"run": tune.grid_search(grid["runs"]), "seed": tune.grid_search(grid["seeds"])},
+                           run_config=tune.RunConfig(name="compare", storage_path=str(out_dir)))
     results = tuner.fit()
     rows = []
     for result in results:
@@ -118,8 +138,9 @@ def compare(runs_file: str, seeds: list[int], out: str, only: list[str] | None =
         if result.error is not None:
             row["error"] = str(result.error)
         rows.append(row)
-    summary = summarise([r for r in rows if "error" not in r])
-    command = "python tune/compare.py " + " ".join(sys.argv[1:])
+    finished = [r for r in rows if "error" not in r and COLUMNS[0][0] in r]  # not errored, not interrupted
+    summary = summarise(finished)
+    command = "python tune/compare.py " + " ".join(a for a in sys.argv[1:] if a != "--resume")
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "quality.json").write_text(json.dumps({"command": command, "trials": rows, "summary": summary}, indent=2))
     (out_dir / "quality.md").write_text(markdown(summary, runs, command))
@@ -133,9 +154,10 @@ def main() -> None:
     parser.add_argument("--only", nargs="*", help="names of runs from --runs (default: all)")
     parser.add_argument("--out", default="results/quality")
     parser.add_argument("--num-cpus", type=int, default=os.cpu_count())
+    parser.add_argument("--resume", action="store_true", help="continue the comparison stored under --out")
     args = parser.parse_args()
     init_ray(args.num_cpus, object_store_mib=256)
-    compare(args.runs, args.seeds, args.out, args.only)
+    compare(args.runs, args.seeds, args.out, args.only, resume=args.resume)
     print((Path(args.out) / "quality.md").read_text())
 
 

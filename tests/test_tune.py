@@ -79,10 +79,14 @@ def test_results_table_runs_resolve_to_the_recipes_the_readme_names():
     configs = {name: load_config(spec.get("preset", "cpu"), list(spec.get("overrides", []))).to_dict()
                for name, spec in runs.items()}
     assert configs["full"] == load_config("cpu").to_dict()
+    shorter = copy.deepcopy(configs["full_e30"])  # the preset before 40 epochs: only the length differs
+    assert shorter["train"]["epochs"] == 30 and configs["full"]["train"]["epochs"] == 40
+    shorter["train"]["epochs"] = 40
+    assert shorter == configs["full"]
     previous = copy.deepcopy(configs["full_no_token_dropout"])  # the preset before token dropout: only that differs
-    assert previous["model"]["text"]["token_dropout"] == 0 and configs["full"]["model"]["text"]["token_dropout"] > 0
-    previous["model"]["text"]["token_dropout"] = configs["full"]["model"]["text"]["token_dropout"]
-    assert previous == configs["full"]
+    assert previous["model"]["text"]["token_dropout"] == 0 and configs["full_e30"]["model"]["text"]["token_dropout"] > 0
+    previous["model"]["text"]["token_dropout"] = configs["full_e30"]["model"]["text"]["token_dropout"]
+    assert previous == configs["full_e30"]
     # every ablation removes one part from its recipe and keeps the rest
     for recipe, prefix in (("full", "cpu_no_"), ("full_no_token_dropout", "full_no_"), ("full_b64", "no_")):
         removed = {"memory_bank": configs[f"{prefix}memory_bank"]["model"]["projector"]["memory_size"],

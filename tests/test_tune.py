@@ -121,6 +121,11 @@ def test_an_interrupted_comparison_resumes_keeping_its_finished_trials(tmp_path,
 
     other = subprocess.run(command[:5] + ["3"] + command[6:] + ["--resume"], env=env, capture_output=True, text=True)
     assert other.returncode != 0 and "seeds [1, 2]" in other.stderr  # another grid: refused, nothing overwritten
+    recipe = runs.read_text()
+    runs.write_text(recipe.replace("train.epochs=1", "train.epochs=2"))
+    edited = subprocess.run(command + ["--resume"], env=env, capture_output=True, text=True)
+    assert edited.returncode != 0 and "configuration of tiny changed" in edited.stderr  # another recipe: refused too
+    runs.write_text(recipe)
 
     subprocess.run(command + ["--resume"], env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     table = json.loads((out / "quality.json").read_text())

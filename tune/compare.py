@@ -115,13 +115,20 @@ def compare(runs_file: str, seeds: list[int], out: str, only: list[str] | None =
     out_dir = Path(out).resolve()
     trainable = tune.with_resources(tune.with_parameters(run_one, runs=runs, data=data, threads=threads),
                                     {"cpu": threads})
-    experiment, grid = out_dir / "compare", {"runs": list(runs), "seeds": list(seeds)}
+    # the grid and each run's resolved configuration: a resumed table must be of one recipe per row
+    configs = json.loads(json.dumps({name: load_config(spec.get("preset", "cpu"), list(spec.get("overrides", []))).to_dict()
+                                     for name, spec in runs.items()}))  # as grid.json stores them
+    experiment, grid = out_dir / "compare", {"runs": list(runs), "seeds": list(seeds), "configs": configs}
     if resume and tune.Tuner.can_restore(str(experiment)):
         stored = json.loads((out_dir / "grid.json").read_text()) if (out_dir / "grid.json").exists() else None
-        if stored != grid:  # Tune restores the stored grid: resuming another would mislabel the table
+        if stored is None or {k: stored[k] for k in ("runs", "seeds")} != {k: grid[k] for k in ("runs", "seeds")}:
             held = f"runs {stored['runs']} x seeds {stored['seeds']}" if stored else "a comparison without grid.json"
             raise SystemExit(f"--resume: {out} holds {held}, not runs {grid['runs']} x seeds {grid['seeds']}; "
                              "resume with those, or start afresh with another --out")
+        changed = [name for name in runs if stored["configs"].get(name) != configs[name]]
+        if changed:  # finished trials trained the stored recipe; the rest would train the edited one
+            raise SystemExit(f"--resume: the configuration of {', '.join(changed)} changed since {out} was started "
+                             "(the preset or the runs file was edited); start afresh with another --out")
         tuner = tune.Tuner.restore(str(experiment), trainable, resume_unfinished=True, restart_errored=True)
     else:
         if resume:

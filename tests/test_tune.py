@@ -71,13 +71,12 @@ def test_tiny_sweep_is_interrupted_resumed_stops_early_and_writes_results(tmp_pa
 
 
 def test_results_table_runs_resolve_to_the_recipes_the_readme_names():
-    from compare import resolve_bases
+    from compare import resolve_bases, run_config
 
     from tmr.config import load_config
 
     runs = resolve_bases(yaml.safe_load((ROOT / "tune/runs_cpu.yaml").read_text())["runs"])
-    configs = {name: load_config(spec.get("preset", "cpu"), list(spec.get("overrides", []))).to_dict()
-               for name, spec in runs.items()}
+    configs = {name: run_config(spec).to_dict() for name, spec in runs.items()}
     assert configs["full"] == load_config("cpu").to_dict()
     shorter = copy.deepcopy(configs["full_e30"])  # the preset before 40 epochs: only the length differs
     assert shorter["train"]["epochs"] == 30 and configs["full"]["train"]["epochs"] == 40

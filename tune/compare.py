@@ -24,7 +24,7 @@ from pathlib import Path
 import yaml
 from ray import tune
 
-from tmr.config import load_config
+from tmr.config import RunConfig, load_config
 from tmr.data import resolve_data_root
 from tmr.distributed import init_ray
 
@@ -48,6 +48,11 @@ def flatten(metrics: dict, prefix: str = "") -> dict[str, float]:
     return out
 
 
+def run_config(spec: dict, overrides: list[str] | None = None) -> RunConfig:
+    """A resolved run of the runs file (its preset, then its overrides, then these)."""
+    return load_config(spec.get("preset", "cpu"), list(spec.get("overrides", [])) + list(overrides or []))
+
+
 def run_one(params: dict, runs: dict, data: str, threads: int) -> None:
     import time
 
@@ -56,8 +61,7 @@ def run_one(params: dict, runs: dict, data: str, threads: int) -> None:
     from tmr.train import fit
 
     torch.set_num_threads(threads)
-    spec = runs[params["run"]]
-    config = load_config(spec.get("preset", "cpu"), list(spec.get("overrides", [])) + [f"train.seed={params['seed']}"])
+    config = run_config(runs[params["run"]], [f"train.seed={params['seed']}"])
     config.data = data
     config.output = str(Path(tune.get_context().get_trial_dir()) / "run")
     started = time.time()
@@ -116,12 +120,11 @@ def compare(runs_file: str, seeds: list[int], out: str, only: list[str] | None =
     trainable = tune.with_resources(tune.with_parameters(run_one, runs=runs, data=data, threads=threads),
                                     {"cpu": threads})
     # the grid and each run's resolved configuration: a resumed table must be of one recipe per row
-    configs = json.loads(json.dumps({name: load_config(spec.get("preset", "cpu"), list(spec.get("overrides", []))).to_dict()
-                                     for name, spec in runs.items()}))  # as grid.json stores them
+    configs = json.loads(json.dumps({name: run_config(spec).to_dict() for name, spec in runs.items()}))  # as stored
     experiment, grid = out_dir / "compare", {"runs": list(runs), "seeds": list(seeds), "configs": configs}
     if resume and tune.Tuner.can_restore(str(experiment)):
         stored = json.loads((out_dir / "grid.json").read_text()) if (out_dir / "grid.json").exists() else None
-        if stored is None or {k: stored[k] for k in ("runs", "seeds")} != {k: grid[k] for k in ("runs", "seeds")}:
+        if stored is None or (stored["runs"], stored["seeds"]) != (grid["runs"], grid["seeds"]):
             held = f"runs {stored['runs']} x seeds {stored['seeds']}" if stored else "a comparison without grid.json"
             raise SystemExit(f"--resume: {out} holds {held}, not runs {grid['runs']} x seeds {grid['seeds']}; "
                              "resume with those, or start afresh with another --out")
@@ -148,7 +151,6 @@ def compare(runs_file: str, seeds: list[int], out: str, only: list[str] | None =
     finished = [r for r in rows if "error" not in r and COLUMNS[0][0] in r]  # not errored, not interrupted
     summary = summarise(finished)
     command = "python tune/compare.py " + " ".join(a for a in sys.argv[1:] if a != "--resume")
-    out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "quality.json").write_text(json.dumps({"command": command, "trials": rows, "summary": summary}, indent=2))
     (out_dir / "quality.md").write_text(markdown(summary, runs, command))
     return summary

@@ -204,3 +204,46 @@ def test_fast_featurisation_equals_pyg_from_rdmol_and_its_batches(chebi_root):
     assert batch.num_graphs == 300
     with pytest.raises(InvalidMolecule, match="outside PyG's vocabulary"):
         featurize("[Fe+12]")
+
+
+CONCURRENT_BUILD = """
+import sys, time
+from pathlib import Path
+from tmr.data import MoleculeTextDataset
+
+source, cache, ready, go = sys.argv[1:]
+featurised = []
+process = MoleculeTextDataset.process
+MoleculeTextDataset.process = lambda self: (featurised.append(1), process(self))[1]
+Path(ready).touch()
+while not Path(go).exists():  # start together, imports done
+    time.sleep(0.01)
+dataset = MoleculeTextDataset(source, cache_dir=cache, progress=False)
+print(len(featurised), len(dataset), dataset.ids[-1])
+"""
+
+
+def test_side_by_side_processes_featurise_a_shared_cache_once(tmp_path, chebi_root):
+    """Side-by-side Tune trials build the same cache on a fresh machine: one featurises, the others
+    wait and load it (before: each featurised and one loaded a graphs.pt another was rewriting)."""
+    import subprocess
+    import sys
+    import time
+
+    lines = (chebi_root / "validation.txt").read_text(encoding="utf-8").splitlines()[:1201]
+    source = write(tmp_path / "pairs.txt", "\n".join(lines) + "\n")
+    workers = []
+    for i in range(3):
+        args = [str(source), str(tmp_path / "cache"), str(tmp_path / f"ready{i}"), str(tmp_path / "go")]
+        workers.append(subprocess.Popen([sys.executable, "-c", CONCURRENT_BUILD, *args],
+                                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    deadline = time.monotonic() + 120
+    while not all((tmp_path / f"ready{i}").exists() for i in range(3)):
+        assert time.monotonic() < deadline and all(w.poll() is None for w in workers), workers[0].communicate()
+        time.sleep(0.05)
+    (tmp_path / "go").touch()
+    outputs = [w.communicate(timeout=300) for w in workers]
+    assert [w.returncode for w in workers] == [0, 0, 0], [err[-2000:] for _, err in outputs]
+    reports = [out.split() for out, _ in outputs]
+    assert sorted(int(r[0]) for r in reports) == [0, 0, 1]  # featurised by exactly one process
+    assert len({(r[1], r[2]) for r in reports}) == 1 and int(reports[0][1]) > 1100

@@ -92,6 +92,21 @@ def test_cached_text_states_match_the_full_text_path(small_root):
         create_model(load_config("tiny").model).text_encoder.backbone_states(["x"], 16)
 
 
+def test_text_state_cache_is_written_once_and_read_back(small_root, tmp_path, monkeypatch):
+    import tmr.data.sources
+    from tmr.train import cached_backbone_states
+
+    monkeypatch.setattr(tmr.data.sources, "CACHE", tmp_path)
+    model = create_model(load_config("tiny", ["model.text.trainable_layers=0"]).model)
+    texts = ["The molecule is ethanol.", "The molecule is benzene.", "The molecule is ethanol."]
+    computed = cached_backbone_states(model, texts, 32, progress=False)
+    stored = list((tmp_path / "text_states").glob("*.safetensors"))
+    assert len(stored) == 1 and not list((tmp_path / "text_states").glob("*.part"))
+    read_back = cached_backbone_states(model, texts, 32, progress=False)
+    assert sorted(read_back) == sorted(computed) == sorted(set(texts))
+    assert all(torch.equal(read_back[t], computed[t]) for t in computed)
+
+
 def test_memory_bank_equals_multihead_attention_averaged_over_slots():
     """The projector's cheaper arrangement computes nn.MultiheadAttention's slots, averaged."""
     from tmr.model import MemoryBankProjector

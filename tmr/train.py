@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
+from filelock import FileLock
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm.auto import tqdm
 
@@ -138,16 +139,17 @@ def cached_backbone_states(model: TMRModel, texts: list[str], max_length: int, p
     weights = next(model.text_encoder.backbone.parameters())
     digest.update(f"{max_length}:{model.config.text.name}:{weights.double().sum().item():.10e}".encode())
     path = CACHE / "text_states" / f"{digest.hexdigest()[:24]}.safetensors"
-    if path.exists():
-        stored = safetensors.torch.load_file(path)
-        return dict(zip(unique, torch.split(stored["states"], stored["lengths"].tolist())))
-    states = model.text_encoder.backbone_states(unique, max_length, progress=progress)
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_suffix(f".{os.getpid()}.part")
-    safetensors.torch.save_file({"states": torch.cat([states[t] for t in unique]),
-                                 "lengths": torch.tensor([len(states[t]) for t in unique])}, partial)
-    partial.replace(path)
-    return states
+    with FileLock(f"{path}.lock"):  # side-by-side trials on a fresh machine: one computes, the rest wait
+        if not path.exists():
+            states = model.text_encoder.backbone_states(unique, max_length, progress=progress)
+            partial = path.with_suffix(f".{os.getpid()}.part")
+            safetensors.torch.save_file({"states": torch.cat([states[t] for t in unique]),
+                                         "lengths": torch.tensor([len(states[t]) for t in unique])}, partial)
+            partial.replace(path)
+            return states
+    stored = safetensors.torch.load_file(path)
+    return dict(zip(unique, torch.split(stored["states"], stored["lengths"].tolist())))
 
 
 @torch.no_grad()

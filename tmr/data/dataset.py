@@ -12,10 +12,12 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from filelock import FileLock
 from torch.utils.data import Dataset, Subset
 from torch_geometric.data import Batch, InMemoryDataset
 from tqdm.auto import tqdm
@@ -39,7 +41,11 @@ class MoleculeTextDataset(InMemoryDataset):
         self.progress = progress
         digest = hashlib.sha256(self.source.read_bytes()).hexdigest()[:20]
         root = Path(cache_dir or CACHE) / "processed" / f"{digest}-v{FEATURE_VERSION}{'' if require_text else '-notext'}"
-        super().__init__(str(root), log=False)
+        # Side-by-side Tune trials and Ray Train workers build the same cache at once: one of
+        # them featurises, the others wait for it and load the result.
+        root.parent.mkdir(parents=True, exist_ok=True)
+        with FileLock(str(root) + ".lock"):
+            super().__init__(str(root), log=False)
         self.load(self.processed_paths[0])
         self.skipped = json.loads(Path(self.processed_paths[1]).read_text())
         if self.skipped:
@@ -69,8 +75,15 @@ class MoleculeTextDataset(InMemoryDataset):
             graphs.append(graph)
         if not graphs:
             raise ValueError(f"{self.source}: no usable rows ({len(skipped)} skipped)")
-        self.save(graphs, self.processed_paths[0])
-        Path(self.processed_paths[1]).write_text(json.dumps(skipped))
+        # Written to a private file and renamed into place: a process killed mid-write leaves no
+        # truncated graphs.pt for every later run to fail on.
+        graphs_path, skipped_path = (Path(p) for p in self.processed_paths)
+        partial = graphs_path.with_suffix(f".{os.getpid()}.part")
+        self.save(graphs, str(partial))
+        partial.replace(graphs_path)
+        partial = skipped_path.with_suffix(f".{os.getpid()}.part")
+        partial.write_text(json.dumps(skipped))
+        partial.replace(skipped_path)
 
     @property
     def texts(self) -> list[str]:

@@ -148,6 +148,7 @@ def compare(runs_file: str, seeds: list[int], out: str, only: list[str] | None =
         if result.error is not None:
             row["error"] = str(result.error)
         rows.append(row)
+    rows.sort(key=lambda r: (list(runs).index(r["run"]), r["seed"]))  # a resumed grid comes back reordered
     finished = [r for r in rows if "error" not in r and COLUMNS[0][0] in r]  # not errored, not interrupted
     summary = summarise(finished)
     command = "python tune/compare.py " + " ".join(a for a in sys.argv[1:] if a != "--resume")

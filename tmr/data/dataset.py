@@ -1,7 +1,8 @@
 """Pair datasets (PyG `InMemoryDataset`, featurised once and cached), batching, and the splits.
 
 `MoleculeTextDataset(path)` reads any (id, SMILES, text) file, featurises every molecule once and
-caches the graphs under `~/.cache/tmr/processed/<file sha256>/`; unparsable SMILES are counted,
+caches the graphs under `~/.cache/tmr/processed/<file sha256>/` (built under a file lock, so
+processes sharing the cache featurise a file once); unparsable SMILES are counted,
 logged with their ids and skipped. `load_splits(root)` gives the fit / select / test sets and the
 candidate pool, whatever split files exist (see PROVENANCE.md: without train.txt, a seeded
 re-split of validation is used and labelled "provisional").

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import random
 import time
 from pathlib import Path
@@ -22,6 +21,7 @@ from filelock import FileLock
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm.auto import tqdm
 
+from tmr.atomic import atomic_file
 from tmr.config import RunConfig, TrainConfig, dump_config
 from tmr.data import PairCollator, Splits, load_splits, resolve_data_root
 from tmr.losses import AlignmentLoss, Discriminator, critic_loss
@@ -143,10 +143,9 @@ def cached_backbone_states(model: TMRModel, texts: list[str], max_length: int, p
     with FileLock(f"{path}.lock"):  # side-by-side trials on a fresh machine: one computes, the rest wait
         if not path.exists():
             states = model.text_encoder.backbone_states(unique, max_length, progress=progress)
-            partial = path.with_suffix(f".{os.getpid()}.part")
-            safetensors.torch.save_file({"states": torch.cat([states[t] for t in unique]),
-                                         "lengths": torch.tensor([len(states[t]) for t in unique])}, partial)
-            partial.replace(path)
+            with atomic_file(path) as partial:
+                safetensors.torch.save_file({"states": torch.cat([states[t] for t in unique]),
+                                             "lengths": torch.tensor([len(states[t]) for t in unique])}, partial)
             return states
     stored = safetensors.torch.load_file(path)
     return dict(zip(unique, torch.split(stored["states"], stored["lengths"].tolist())))

@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,6 +22,7 @@ from torch.utils.data import Dataset, Subset
 from torch_geometric.data import Batch, InMemoryDataset
 from tqdm.auto import tqdm
 
+from tmr.atomic import atomic_file
 from tmr.data.featurize import InvalidMolecule, featurize
 from tmr.data.sources import CACHE, CANDIDATE_POOL, available_splits, read_pairs
 
@@ -78,13 +78,11 @@ class MoleculeTextDataset(InMemoryDataset):
             raise ValueError(f"{self.source}: no usable rows ({len(skipped)} skipped)")
         # Written to a private file and renamed into place: a process killed mid-write leaves no
         # truncated graphs.pt for every later run to fail on.
-        graphs_path, skipped_path = (Path(p) for p in self.processed_paths)
-        partial = graphs_path.with_suffix(f".{os.getpid()}.part")
-        self.save(graphs, str(partial))
-        partial.replace(graphs_path)
-        partial = skipped_path.with_suffix(f".{os.getpid()}.part")
-        partial.write_text(json.dumps(skipped))
-        partial.replace(skipped_path)
+        graphs_path, skipped_path = self.processed_paths
+        with atomic_file(graphs_path) as partial:
+            self.save(graphs, str(partial))
+        with atomic_file(skipped_path) as partial:
+            partial.write_text(json.dumps(skipped))
 
     @property
     def texts(self) -> list[str]:

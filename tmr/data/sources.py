@@ -22,6 +22,8 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tmr.atomic import atomic_file
+
 log = logging.getLogger("tmr.data")
 
 SPLITS = ("train", "validation", "test")
@@ -118,10 +120,8 @@ def convert_text2mol_table(data: bytes, target: Path) -> Path:
     table = table.item() if isinstance(table, np.ndarray) else table
     keys = [str(k) for k in table]
     vectors = np.stack([np.asarray(table[k], dtype=np.float32).reshape(-1) for k in table])
-    target.parent.mkdir(parents=True, exist_ok=True)
-    partial = target.with_name(f".{target.stem}.{os.getpid()}.npz")
-    np.savez(partial, keys=np.array(keys), vectors=vectors)
-    partial.replace(target)
+    with atomic_file(target) as partial:
+        np.savez(partial, keys=np.array(keys), vectors=vectors)
     return target
 
 
@@ -145,9 +145,8 @@ def download_split(split: str, root: Path) -> Path:
     kind, expected = CHECKSUMS[split]
     if file_digest(data, kind) != expected:
         raise OSError(f"ChEBI-20 {split}: {kind} mismatch (expected {expected}); not saved")
-    partial = target.with_suffix(".part")
-    partial.write_bytes(data)
-    partial.replace(target)
+    with atomic_file(target) as partial:  # private to this process: workers may fetch it at once
+        partial.write_bytes(data)
     return target
 
 

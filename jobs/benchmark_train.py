@@ -47,7 +47,8 @@ def prepare(config, rank: int = 0, world_size: int = 1):
     from tmr.train import make_collator, make_loader, seed_everything
 
     seed_everything(config.train.seed)
-    splits = load_splits(resolve_data_root(config.data), max_train_pairs=config.train.max_train_pairs)
+    splits = load_splits(resolve_data_root(config.data), max_train_pairs=config.train.max_train_pairs,
+                         corpus=config.corpus)
     model = create_model(config.model)
     loader = make_loader(splits.fit, make_collator(model, config, splits, progress=False),
                          config.train.batch_size, shuffle=True, seed=0, rank=rank, world_size=world_size)

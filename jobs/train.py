@@ -16,7 +16,10 @@ import logging
 import os
 
 
+import sys
+
 from tmr.config import load_config
+from tmr.data.sources import resolve_run_inputs
 from tmr.distributed import init_ray, train_with_ray
 
 
@@ -31,13 +34,17 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
-    config = load_config(args.config, args.overrides)
-    if args.data:
-        config.data = args.data
-    if args.workers:
-        config.train.num_workers = args.workers
-    if args.gpu:
-        config.train.use_gpu = True
+    try:  # what no retry can fix is reported here, in seconds, before Ray or any worker starts
+        config = load_config(args.config, args.overrides)
+        if args.data:
+            config.data = args.data
+        if args.workers:
+            config.train.num_workers = args.workers
+        if args.gpu:
+            config.train.use_gpu = True
+        resolve_run_inputs(config)
+    except (OSError, ValueError, KeyError) as error:
+        sys.exit(f"jobs/train.py: {error.args[0] if isinstance(error, KeyError) else error}")
     init_ray(args.num_cpus)
     metrics = train_with_ray(config)
     print(json.dumps({"output": config.output, "best_epoch": metrics["best_epoch"],

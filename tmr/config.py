@@ -92,10 +92,22 @@ class TrainConfig:
 
 
 @dataclass
+class CorpusConfig:
+    """What a run fits on. Selection and test are always the data root's real pairs."""
+
+    real: bool = True  # the data root's fit pairs (train.txt, else the validation re-split's fit part)
+    ontology: bool = False  # + ChEBI-20-style texts derived from ChEBI's ontology for the train split's molecules
+    ontology_path: str | None = None  # chebi_ontology dir; None: $TMR_ONTOLOGY, <data>/../chebi_ontology, ../shared, PyPI
+    ontology_fit_texts: bool = False  # + a derived second text for each molecule of the real fit pairs
+    real_repeat: int = 1  # the real pairs enter every epoch this many times (their share of each batch)
+
+
+@dataclass
 class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    corpus: CorpusConfig = field(default_factory=CorpusConfig)
     data: str | None = None  # data root; None: --data, $TMR_DATA, ../shared, download
     output: str = "runs/default"
 
@@ -133,6 +145,12 @@ def cpu_preset() -> RunConfig:
     the held-out MRR on both pools (README, "Results"). 40 epochs rather than 30: with token dropout
     the held-out MRR kept rising past epoch 30 (best epochs 33-40 of 40); over 3 seeds +1.9 / +1.5
     on select-500 and +0.4 over 33,010, within the 30-minute budget.
+
+    Fit data: everything the data root offers, the real fit pairs plus ChEBI-20-style descriptions
+    derived from ChEBI's ontology for the train split's molecules (`corpus.ontology`, tmr/data/
+    ontology.py: 26,312 more pairs, 10x the real ones). With 10x the pairs an epoch costs 10x the
+    steps, so the preset trains 5 epochs (about 1,100 steps of 128, against 875 for 40 epochs of the
+    real pairs alone) to stay within 30 minutes on 2 cores (docs/results.md).
     """
     return RunConfig(
         model=ModelConfig(
@@ -142,8 +160,9 @@ def cpu_preset() -> RunConfig:
         ),
         loss=LossConfig(first_order="triplet", second_order_similarity="distance", intra_weight=0.34, cross_weight=0.44,
                         tau2=0.62),
-        train=TrainConfig(epochs=40, batch_size=128, lr=2e-3, text_lr=1e-4, warmup_steps=100, cache_text_states=True,
+        train=TrainConfig(epochs=8, batch_size=128, lr=2e-3, text_lr=1e-4, warmup_steps=100, cache_text_states=True,
                           pool_all_every=0),
+        corpus=CorpusConfig(real=True, ontology=True),
         output="runs/cpu",
     )
 
@@ -242,6 +261,40 @@ def apply_overrides(config: RunConfig, overrides: list[str]) -> RunConfig:
             cursor = cursor.setdefault(key, {})
         cursor[keys[-1]] = yaml.safe_load(raw) if raw.strip() else ""
         _update(config, nested)
+    return config
+
+
+CHOICES = {  # every key with a fixed set of values: checked before any worker starts
+    "model.architecture": ("memory_bank", "dual_encoder"), "model.molecule.kind": ("gine", "gcn_mol2vec"),
+    "model.head_norm": ("batch", "layer"), "loss.first_order": ("triplet", "infonce", "both"),
+    "loss.second_order_similarity": ("distance", "neg_distance", "cosine"), "train.optimizer": ("adam", "adamw"),
+    "train.schedule": ("linear", "onecycle"),
+}
+
+
+def check_config(config: RunConfig) -> RunConfig:
+    """Raise ValueError naming the key and its allowed values for a value no run could use."""
+    for key, allowed in CHOICES.items():
+        value = config
+        for part in key.split("."):
+            value = getattr(value, part)
+        if value not in allowed:
+            raise ValueError(f"{key}={value!r} is not one of {list(allowed)}")
+    train = config.train
+    if train.epochs < 1 or train.batch_size < 2 or train.num_workers < 1:
+        raise ValueError("train.epochs >= 1, train.batch_size >= 2 and train.num_workers >= 1 are needed")
+    if train.batch_size % train.num_workers:
+        raise ValueError(f"train.batch_size={train.batch_size} (the global batch) does not split evenly over "
+                         f"{train.num_workers} workers")
+    if train.cache_text_states and config.model.text.trainable_layers != 0:
+        raise ValueError("train.cache_text_states needs a frozen text backbone: set model.text.trainable_layers=0")
+    if config.model.embed_dim % config.model.projector.num_heads:
+        raise ValueError(f"model.embed_dim={config.model.embed_dim} is not divisible by "
+                         f"model.projector.num_heads={config.model.projector.num_heads}")
+    if not (config.corpus.real or config.corpus.ontology):
+        raise ValueError("nothing to fit on: corpus.real and corpus.ontology are both false")
+    if config.corpus.real_repeat < 1:
+        raise ValueError("corpus.real_repeat must be >= 1")
     return config
 
 

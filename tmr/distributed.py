@@ -126,8 +126,10 @@ def train_loop_per_worker(loop_config: dict) -> None:
     local_rank = context.get_local_rank()
     splits = once_per_node(local_rank, lambda: load_splits(resolve_data_root(config.data),
                                                             max_train_pairs=config.train.max_train_pairs,
-                                                            seed=config.train.seed))
+                                                            seed=config.train.seed, corpus=config.corpus,
+                                                            progress=rank == 0))
     model = create_model(config.model)
+    model.training_data = splits.corpora
     collator = once_per_node(local_rank, lambda: make_collator(model, config, splits, progress=rank == 0))
     loader = make_loader(splits.fit, collator, config.train.batch_size, shuffle=True, seed=config.train.seed,
                          rank=rank, world_size=world_size)
@@ -207,15 +209,16 @@ def evaluate_model(model_dir: str, config: RunConfig | dict) -> dict:
     """Validation (both pools) and, when present, test metrics of an exported model directory."""
     from tmr.data import load_splits, resolve_data_root
     from tmr.model import from_pretrained
-    from tmr.train import evaluate, make_collator
+    from tmr.train import evaluate, final_class_queries, make_collator
 
     config = config_from_dict(config) if isinstance(config, dict) else config
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = from_pretrained(model_dir).to(device)
     splits = load_splits(resolve_data_root(config.data), max_train_pairs=config.train.max_train_pairs,
-                         seed=config.train.seed)
-    states = make_collator(model, config, splits, progress=False).text_states  # on disk since training
+                         seed=config.train.seed, corpus=config.corpus, progress=False)
+    states = make_collator(model, config, splits, progress=False).text_states  # on disk since training (same texts)
     result = {"validation": evaluate(model, splits, text_states=states)}
+    result["validation"]["class_queries"] = final_class_queries(model, splits, config)
     if splits.test is not None:
         result["test"] = evaluate(model, splits, "test", text_states=states)
     return result
@@ -228,14 +231,19 @@ def train_with_ray(config: RunConfig, threads_per_worker: int | None = None, cra
     from ray.train import CheckpointConfig, FailureConfig, RunConfig as RayRunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from tmr.data import load_splits, resolve_data_root
+    from tmr.data import load_splits
+    from tmr.data.sources import resolve_run_inputs
     from tmr.train import plot_history
 
     out = Path(config.output).resolve()
+    # Every input resolved here, once, to absolute paths (a `ray job submit` worker runs in a copy of the
+    # code that has no ../shared beside it); a missing file fails now, naming its fix, not in the workers.
+    resolve_run_inputs(config)
     out.mkdir(parents=True, exist_ok=True)
-    config.data = str(resolve_data_root(config.data))  # resolved once, so every worker reads the same root
     dump_config(config, out / "config.json")
-    load_splits(config.data, max_train_pairs=config.train.max_train_pairs, seed=config.train.seed)  # cache
+    # featurised graphs, the derived corpus and the held-out check: built once here, read by the workers
+    splits = load_splits(config.data, max_train_pairs=config.train.max_train_pairs, seed=config.train.seed,
+                         corpus=config.corpus)
     train = config.train
     if threads_per_worker is None:
         cpus = int(ray.cluster_resources().get("CPU", 1)) if ray.is_initialized() else (os.cpu_count() or 1)
@@ -267,7 +275,7 @@ def train_with_ray(config: RunConfig, threads_per_worker: int | None = None, cra
     evaluate_remote = ray.remote(num_cpus=1, num_gpus=1 if train.use_gpu else 0)(evaluate_model)
     final = ray.get(evaluate_remote.remote(str(out / "best"), config.to_dict()))
     metrics = {"history": history, "best_epoch": max(history, key=lambda h: h["val_mrr"])["epoch"],
-               "num_workers": train.num_workers, **final}
+               "num_workers": train.num_workers, "corpora": splits.corpora, **final}
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     plot_history(history, out / "curves.png")
     return metrics

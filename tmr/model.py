@@ -235,6 +235,7 @@ class TMRModel(nn.Module):
                  mol2vec_vocab: int | None = None):
         super().__init__()
         self.config = config
+        self.training_data: dict | None = None  # corpus name -> pairs; saved beside the weights
         d = config.embed_dim
         if config.architecture not in ("memory_bank", "dual_encoder"):
             raise ValueError(f"unknown architecture {config.architecture!r}; use 'memory_bank' or 'dual_encoder'")
@@ -356,6 +357,8 @@ class TMRModel(nn.Module):
             meta["mol2vec_vocab"] = self.mol2vec_vocab
         with atomic_directory(directory) as staging:
             (staging / "config.json").write_text(json.dumps(meta, indent=2))
+            if getattr(self, "training_data", None):  # the corpora and pair counts it was fit on
+                (staging / "training_data.json").write_text(json.dumps(self.training_data, indent=2))
             state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
             safetensors.torch.save_file(state, staging / "model.safetensors")
             self.text_encoder.backbone.config.save_pretrained(staging / "text_encoder")
@@ -374,6 +377,8 @@ class TMRModel(nn.Module):
             raise ValueError(f"{directory} was saved by tmr < 0.2, whose head normalised texts and molecules with "
                              "blended statistics at inference (a train/eval mismatch); retrain it")
         model.load_state_dict(state)
+        if (directory / "training_data.json").exists():
+            model.training_data = json.loads((directory / "training_data.json").read_text())
         return model.eval()
 
 

@@ -114,7 +114,7 @@ def make_collator(model: TMRModel, config: RunConfig, splits: Splits, progress: 
     states (of every text of the pool: validation and the final evaluation read them too)."""
     states = None
     if config.train.cache_text_states:
-        texts = [text for d in splits.pool for text in d.texts]
+        texts = [text for d in splits.pool + splits.fit_sources for text in d.texts]
         states = cached_backbone_states(model, texts, config.model.text.max_length, progress)
     return PairCollator(model.tokenizer, config.model.text.max_length, states)
 
@@ -230,6 +230,43 @@ def evaluate(model: TMRModel, splits: Splits, which: str = "select", pools: tupl
     return {"data": splits.label, "split": which, **out}
 
 
+@torch.no_grad()
+def class_query_metrics(model: TMRModel, splits: Splits, ontology_root: str | Path, k: int = 10) -> dict:
+    """Precision@k of short class queries ("a steroid") over the select molecules, members by ChEBI's
+    ontology (tmr.data.ontology.class_queries); chance is each class's share of the pool."""
+    from tmr.data.dataset import _dataset_ids
+    from tmr.data.ontology import Ontology, class_queries
+
+    dataset, _, _ = splits.queries("select")
+    queries = class_queries(Ontology(ontology_root), _dataset_ids(dataset))
+    if not queries:
+        return {"classes": 0}
+    molecules = model.encode_graphs([dataset[i] for i in range(len(dataset))])
+    texts = embed_texts(model, [q["query"] for q in queries])
+    top = (texts @ molecules.T).topk(min(k, len(dataset)), dim=1).indices
+    rows = []
+    for query, hits in zip(queries, top.tolist()):
+        members = set(query["members"])
+        rows.append({"query": query["query"], "members": len(members),
+                     "precision": 100 * sum(h in members for h in hits) / len(hits),
+                     "chance": 100 * len(members) / len(dataset)})
+    mean = lambda key: float(np.mean([r[key] for r in rows]))  # noqa: E731
+    return {"classes": len(rows), "pool": len(dataset), f"precision@{k}": mean("precision"), "chance": mean("chance"),
+            "per_class": rows}
+
+
+def final_class_queries(model: TMRModel, splits: Splits, config: RunConfig) -> dict | None:
+    """class_query_metrics when the ChEBI ontology is at hand (never downloaded for this); else None."""
+    from tmr.data.ontology import resolve_ontology_root
+
+    try:
+        root = resolve_ontology_root(config.corpus.ontology_path, config.data, download=False)
+    except FileNotFoundError:
+        log.info("no ChEBI ontology at hand: class queries not scored")
+        return None
+    return class_query_metrics(model, splits, root)
+
+
 def plot_history(history: list[dict], path: Path) -> None:
     import matplotlib
 
@@ -281,8 +318,10 @@ def fit(config: RunConfig, progress: bool = True, on_epoch=None, final_pools: tu
     out = Path(config.output)
     out.mkdir(parents=True, exist_ok=True)
     dump_config(config, out / "config.json")
-    splits = load_splits(resolve_data_root(config.data), max_train_pairs=train.max_train_pairs, seed=train.seed)
+    splits = load_splits(resolve_data_root(config.data), max_train_pairs=train.max_train_pairs, seed=train.seed,
+                         corpus=config.corpus, progress=progress)
     model = create_model(config.model)
+    model.training_data = splits.corpora
     model.logit_scale.requires_grad_(config.loss.first_order in ("infonce", "both"))
     criterion = AlignmentLoss(config.loss)
     discriminator = Discriminator(config.model.embed_dim)
@@ -321,8 +360,10 @@ def fit(config: RunConfig, progress: bool = True, on_epoch=None, final_pools: tu
             on_epoch(record, improved)
     best_model = TMRModel.from_pretrained(out / "best")
     result = {"history": history, "best_epoch": max(history, key=lambda h: h["val_mrr"])["epoch"],
-              "validation": evaluate(best_model, splits, pools=final_pools, progress=progress,
+              "corpora": splits.corpora, "validation": evaluate(best_model, splits, pools=final_pools, progress=progress,
                                      text_states=collator.text_states)}
+    if "all" in final_pools:  # the final scoring (sweep trials score the winner alone)
+        result["validation"]["class_queries"] = final_class_queries(best_model, splits, config)
     if splits.test is not None:
         result["test"] = evaluate(best_model, splits, "test", pools=final_pools, progress=progress,
                                   text_states=collator.text_states)

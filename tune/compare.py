@@ -25,7 +25,7 @@ import yaml
 from ray import tune
 
 from tmr.config import RunConfig, load_config
-from tmr.data import resolve_data_root
+from tmr.data.sources import input_overrides
 from tmr.distributed import init_ray
 
 # (key in the flattened metrics, column title); "split" = the select set's own pool, "all" = Text2Mol's pool
@@ -53,7 +53,7 @@ def run_config(spec: dict, overrides: list[str] | None = None) -> RunConfig:
     return load_config(spec.get("preset", "cpu"), list(spec.get("overrides", [])) + list(overrides or []))
 
 
-def run_one(params: dict, runs: dict, data: str, threads: int) -> None:
+def run_one(params: dict, runs: dict, data: str, threads: int, inputs: dict | None = None) -> None:
     import time
 
     import torch
@@ -61,7 +61,7 @@ def run_one(params: dict, runs: dict, data: str, threads: int) -> None:
     from tmr.train import fit
 
     torch.set_num_threads(threads)
-    config = run_config(runs[params["run"]], [f"train.seed={params['seed']}"])
+    config = run_config(runs[params["run"]], [f"train.seed={params['seed']}"] + (inputs or {}).get(params["run"], []))
     config.data = data
     config.output = str(Path(tune.get_context().get_trial_dir()) / "run")
     started = time.time()
@@ -115,10 +115,13 @@ def compare(runs_file: str, seeds: list[int], out: str, only: list[str] | None =
         if unknown:
             raise SystemExit(f"--only: no run named {', '.join(unknown)} in {runs_file}")
         runs = {name: spec for name, spec in runs.items() if name in only}
-    data = str(resolve_data_root(None))
+    # each run's inputs resolved here to absolute paths (trials of a comparison submitted as a Ray job run
+    # in a copy of the code with no ../shared beside it); a missing one fails now, naming its fix
+    inputs = {name: input_overrides(run_config(spec))[1:] for name, spec in runs.items()}
+    data = input_overrides(run_config(next(iter(runs.values()))))[0].split("=", 1)[1]
     out_dir = Path(out).resolve()
-    trainable = tune.with_resources(tune.with_parameters(run_one, runs=runs, data=data, threads=threads),
-                                    {"cpu": threads})
+    trainable = tune.with_resources(tune.with_parameters(run_one, runs=runs, data=data, threads=threads,
+                                                         inputs=inputs), {"cpu": threads})
     # the grid and each run's resolved configuration: a resumed table must be of one recipe per row
     configs = json.loads(json.dumps({name: run_config(spec).to_dict() for name, spec in runs.items()}))  # as stored
     experiment, grid = out_dir / "compare", {"runs": list(runs), "seeds": list(seeds), "configs": configs}

@@ -24,7 +24,7 @@ from ray import tune
 
 from tmr.atomic import atomic_directory
 from tmr.config import load_config
-from tmr.data import resolve_data_root
+from tmr.data.sources import input_overrides
 from tmr.distributed import evaluate_model, init_ray
 
 DISTRIBUTIONS = {"choice": tune.choice, "uniform": lambda b: tune.uniform(*b), "loguniform": lambda b: tune.loguniform(*b),
@@ -106,7 +106,11 @@ def sweep(space_file: str, out: str, trials: int | None = None, resume: bool = F
     spec = yaml.safe_load(Path(space_file).read_text())
     metric, base, overrides = spec.get("metric", "val_mrr"), spec.get("base", "cpu"), list(spec.get("overrides", []))
     max_epochs = load_config(base, overrides).train.epochs
-    data = str(resolve_data_root(spec.get("data")))
+    # every input a trial reads, resolved here to absolute paths: trials of a sweep submitted as a Ray job
+    # run in a copy of the code with no ../shared beside it
+    inputs = input_overrides(load_config(base, overrides + ([f"data={spec['data']}"] if spec.get("data") else [])),
+                             mol2vec=any(k.startswith("model.molecule.") for k in spec["space"]))
+    data, overrides = inputs[0].split("=", 1)[1], overrides + inputs[1:]
     threads = int(spec.get("cpus_per_trial", 1))
     out_dir = Path(out).resolve()
     trainable = tune.with_resources(

@@ -18,13 +18,15 @@ from pathlib import Path
 
 import torch
 from filelock import FileLock
-from torch.utils.data import Dataset, Subset
+from torch.utils.data import ConcatDataset, Dataset, Subset
 from torch_geometric.data import Batch, InMemoryDataset
 from tqdm.auto import tqdm
 
 from tmr.atomic import atomic_file
 from tmr.data.featurize import InvalidMolecule, featurize
 from tmr.data.sources import CACHE, CANDIDATE_POOL, available_splits, read_pairs
+
+TRAIN_CIDS = "train_cids.txt"  # the train split's molecules (PROVENANCE.md): the only ones a derived text may describe
 
 log = logging.getLogger("tmr.data")
 FEATURE_VERSION = "1"  # bump when featurize() changes, so caches are rebuilt
@@ -139,6 +141,9 @@ class Splits:
     # every split that can be evaluated: name -> (pairs, positions in the text pool, positions of their
     # molecules in `candidates` or None); "select" is what runs select on
     query_sets: dict = field(default_factory=dict)
+    # what `fit` is made of: corpus name -> {"pairs": n, ...} (written into metrics.json and model directories)
+    corpora: dict = field(default_factory=dict)
+    fit_sources: list = field(default_factory=list)  # the datasets `fit` draws from (their texts get cached states)
 
     def queries(self, which: str) -> tuple[Dataset, torch.Tensor, torch.Tensor | None]:
         """(pairs, their positions in the pool, their molecules' positions in `candidates`)."""
@@ -156,7 +161,8 @@ def _offsets(datasets: list[MoleculeTextDataset]) -> list[int]:
 
 
 def load_splits(root: str | Path, cache_dir: str | Path | None = None, max_train_pairs: int | None = None,
-                seed: int = 42) -> Splits:
+                seed: int = 42, corpus=None, progress: bool = True) -> Splits:
+    """The splits of a data root; `corpus` (a CorpusConfig) says what the fit set is made of."""
     files = available_splits(Path(root))
     if "validation" not in files:
         raise FileNotFoundError(f"{root}: no validation.txt (tmr selects models on validation); give the data root "
@@ -180,12 +186,28 @@ def load_splits(root: str | Path, cache_dir: str | Path | None = None, max_train
         fit, select = Subset(validation, fit_idx.tolist()), Subset(validation, select_idx.tolist())
         select_positions = offset["validation"] + select_idx
         label = "provisional (validation re-split)"
+    real_name = "chebi20 train.txt" if "train" in loaded else "chebi20 validation re-split (fit part)"
+    parts, corpora, sources = [], {}, []
+    if corpus is None or corpus.real:
+        repeat = max(1, getattr(corpus, "real_repeat", 1))
+        parts += [fit] * repeat
+        corpora[real_name] = {"pairs": len(fit), "repeat": repeat}
+        sources.append(loaded["train"] if "train" in loaded else validation)
+    if corpus is not None and corpus.ontology:
+        derived, report = ontology_dataset(Path(root), corpus, _dataset_ids(fit), cache_dir, progress)
+        parts.append(derived)
+        corpora["chebi ontology (derived)"] = report
+        sources.append(derived)
+    if not parts:
+        raise ValueError("nothing to fit on: corpus.real and corpus.ontology are both off")
+    fit = parts[0] if len(parts) == 1 else ConcatDataset(parts)
     if max_train_pairs is not None and max_train_pairs < len(fit):
         keep = torch.randperm(len(fit), generator=torch.Generator().manual_seed(seed))[:max_train_pairs]
         fit = Subset(fit, keep.sort().values.tolist())
     test = loaded.get("test")
     test_positions = offset["test"] + torch.arange(len(test)) if test is not None else None
-    splits = Splits(fit, select, test, pool, select_positions, test_positions, label)
+    splits = Splits(fit, select, test, pool, select_positions, test_positions, label, corpora=corpora,
+                    fit_sources=sources)
     named = {"select": (select, select_positions)}
     named.update({name: (loaded[name], offset[name] + torch.arange(len(loaded[name]))) for name in offset})
     where = None
@@ -198,11 +220,35 @@ def load_splits(root: str | Path, cache_dir: str | Path | None = None, max_train
     return splits
 
 
-def _positions_in_pool(dataset: Dataset, where: dict[str, int], root: str | Path) -> torch.Tensor:
+def ontology_dataset(root: Path, corpus, fit_ids: list[str], cache_dir: str | Path | None = None,
+                     progress: bool = True) -> tuple[MoleculeTextDataset, dict]:
+    """Derived descriptions of the train split's molecules (and, if asked, of the real fit pairs'), with
+    every molecule of the data root that is not one of those held out by CID and by InChIKey."""
+    from tmr.data.ontology import build_ontology_corpus, read_cids, read_molecules, resolve_ontology_root
+
+    needed = [root / name for name in (CANDIDATE_POOL, TRAIN_CIDS) if not (root / name).exists()]
+    if needed:
+        raise FileNotFoundError(f"corpus.ontology needs {', '.join(str(p) for p in needed)} (../shared/data/chebi20 "
+                                "has both); give a data root that holds them, or set corpus.ontology=false")
+    molecules = read_molecules(root / CANDIDATE_POOL)
+    allowed = read_cids(root / TRAIN_CIDS) + (list(fit_ids) if corpus.ontology_fit_texts else [])
+    # held out: every ChEBI-20 molecule that is neither a train-split molecule nor a real fit pair's
+    fit_or_train = set(read_cids(root / TRAIN_CIDS)) | set(fit_ids)
+    held_out = [cid for cid in molecules if cid not in fit_or_train]
+    path, report = build_ontology_corpus(resolve_ontology_root(corpus.ontology_path, root), molecules, allowed,
+                                         held_out, cache_dir, progress)
+    dataset = MoleculeTextDataset(path, cache_dir, progress=progress)
+    return dataset, {**report, "pairs": len(dataset), "file": path.name}
+
+
+def _dataset_ids(dataset: Dataset) -> list[str]:
     if isinstance(dataset, Subset):
-        ids = [dataset.dataset.ids[i] for i in dataset.indices]
-    else:
-        ids = dataset.ids
+        return [dataset.dataset.ids[i] for i in dataset.indices]
+    return list(dataset.ids)
+
+
+def _positions_in_pool(dataset: Dataset, where: dict[str, int], root: str | Path) -> torch.Tensor:
+    ids = _dataset_ids(dataset)
     missing = [cid for cid in ids if cid not in where]
     if missing:
         raise ValueError(f"{Path(root) / CANDIDATE_POOL} lacks {len(missing)} evaluated molecule(s) (e.g. CID "

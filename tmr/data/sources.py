@@ -7,7 +7,7 @@ published yet). A split that is not there is reported, never faked. A root may a
 `molecules.tsv` (CID, SMILES: all 33,010 ChEBI-20 molecules), Text2Mol's text -> molecule pool.
 
 The Mol2vec table resolves the same way: `model.molecule.mol2vec_path`, `$TMR_MOL2VEC`,
-`../shared/data/mol2vec/tokens.npz`, else Text2Mol's table downloaded, checked against its
+`<data root>/../mol2vec/tokens.npz`, `../shared/data/mol2vec/tokens.npz`, else Text2Mol's table downloaded, checked against its
 sha256 and converted to a pickle-free npz under `~/.cache/tmr/mol2vec/`.
 """
 
@@ -71,7 +71,8 @@ def resolve_data_root(data: str | os.PathLike | None = None, download: bool = Tr
     return root
 
 
-def resolve_mol2vec(path: str | os.PathLike | None = None, download: bool = True) -> Path:
+def resolve_mol2vec(path: str | os.PathLike | None = None, download: bool = True,
+                    data_root: str | os.PathLike | None = None) -> Path:
     """The Mol2vec `tokens.npz`, by the order in the module docstring."""
     if path:
         if not Path(path).expanduser().is_file():
@@ -79,7 +80,8 @@ def resolve_mol2vec(path: str | os.PathLike | None = None, download: bool = True
         return Path(path).expanduser().resolve()
     if os.environ.get("TMR_MOL2VEC"):
         return resolve_mol2vec(os.environ["TMR_MOL2VEC"])
-    for candidate in _shared_candidates("mol2vec"):
+    beside = [Path(data_root).expanduser().parent / "mol2vec"] if data_root else []  # ../shared/data's layout
+    for candidate in beside + _shared_candidates("mol2vec"):
         if (candidate / "tokens.npz").is_file():
             return (candidate / "tokens.npz").resolve()
     target = CACHE / "mol2vec" / "tokens.npz"
@@ -87,12 +89,77 @@ def resolve_mol2vec(path: str | os.PathLike | None = None, download: bool = True
         if not download:
             raise FileNotFoundError("no Mol2vec table: set model.molecule.mol2vec_path or $TMR_MOL2VEC")
         log.info("downloading Text2Mol's Mol2vec table from %s", MOL2VEC_URL)
-        with urllib.request.urlopen(MOL2VEC_URL, timeout=120) as response:
-            data = response.read()
+        try:
+            with urllib.request.urlopen(MOL2VEC_URL, timeout=120) as response:
+                data = response.read()
+        except OSError as error:
+            raise OSError(f"no Mol2vec table found, and downloading it from {MOL2VEC_URL} failed ({error})") from None
         if file_digest(data, "sha256") != MOL2VEC_SHA256:
             raise OSError(f"Mol2vec table: sha256 mismatch (expected {MOL2VEC_SHA256}); not saved")
         convert_text2mol_table(data, target)
     return target
+
+
+class InputError(ValueError):
+    """A run's input that cannot be found or fetched: the message names the flag or variable that fixes it."""
+
+
+def resolve_run_inputs(config):
+    """Resolve every path a run reads, once, in the driver: data root, Mol2vec table, ChEBI ontology, a
+    local text model. The config comes back with absolute paths, so workers (in a `ray job submit`
+    copy of the code, or on other nodes) read exactly these and never fall back to a download of
+    their own. A missing file or a failed download raises InputError naming the fix."""
+    from tmr.config import DEFAULT_TEXT_MODEL, check_config
+
+    check_config(config)
+    explicit = bool(config.data or os.environ.get("TMR_DATA"))
+    try:
+        config.data = str(resolve_data_root(config.data))
+    except FileNotFoundError as error:
+        raise InputError(f"{error}: give the ChEBI-20 folder with --data or $TMR_DATA") from None
+    if not (Path(config.data) / "validation.txt").exists():
+        how = "" if explicit else " (none beside the working directory, and the download failed)"
+        raise InputError(f"no ChEBI-20 validation.txt in {config.data}{how}: give the folder that holds it with "
+                         "--data or $TMR_DATA")
+    mol = config.model.molecule
+    if mol.kind == "gcn_mol2vec" or mol.mol2vec_features:
+        try:
+            mol.mol2vec_path = str(resolve_mol2vec(mol.mol2vec_path, data_root=config.data))
+        except OSError as error:  # missing file, or a download that failed (offline) or did not verify
+            raise InputError(f"{error}; set model.molecule.mol2vec_path=<tokens.npz> or $TMR_MOL2VEC "
+                             f"(or put it at {Path(config.data).parent / 'mol2vec/tokens.npz'})") from None
+    if config.corpus.ontology:
+        from tmr.data.ontology import resolve_ontology_root
+
+        try:
+            config.corpus.ontology_path = str(resolve_ontology_root(config.corpus.ontology_path, config.data))
+        except OSError as error:
+            raise InputError(f"ChEBI ontology: {error}; set corpus.ontology_path=<chebi_ontology dir> or "
+                             f"$TMR_ONTOLOGY (or put it at {Path(config.data).parent / 'chebi_ontology'}), or "
+                             "corpus.ontology=false") from None
+    text = config.model.text
+    if text.name != DEFAULT_TEXT_MODEL and Path(text.name).expanduser().exists():
+        text.name = str(Path(text.name).expanduser().resolve())  # a local model: absolute for the workers
+    return config
+
+
+def input_overrides(config, mol2vec: bool = False) -> list[str]:
+    """`resolve_run_inputs` as `key=value` overrides, for Tune trials that rebuild their own config;
+    `mol2vec`: resolve the Mol2vec table even if this config does not use it (a sweep may turn it on)."""
+    import copy
+
+    resolved = copy.deepcopy(config)
+    if mol2vec:
+        resolved.model.molecule.mol2vec_features = True
+    resolved = resolve_run_inputs(resolved)
+    out = [f"data={resolved.data}"]
+    if resolved.model.molecule.mol2vec_path:
+        out.append(f"model.molecule.mol2vec_path={resolved.model.molecule.mol2vec_path}")
+    if resolved.corpus.ontology_path:
+        out.append(f"corpus.ontology_path={resolved.corpus.ontology_path}")
+    if resolved.model.text.name != config.model.text.name:
+        out.append(f"model.text.name={resolved.model.text.name}")
+    return out
 
 
 def convert_text2mol_table(data: bytes, target: Path) -> Path:

@@ -50,14 +50,17 @@ def cluster():
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     address = f"http://127.0.0.1:{dashboard}"
     deadline = time.time() + 180
-    while subprocess.run([RAY, "job", "list", "--address", address], env=job_env(), capture_output=True).returncode:
-        if time.time() > deadline or head.poll() is not None:
-            raise RuntimeError("the local Ray cluster did not start")
-        time.sleep(2)
-    yield address
-    os.killpg(head.pid, signal.SIGTERM)
-    head.wait(timeout=60)
-    shutil.rmtree(temp, ignore_errors=True)
+    try:
+        while subprocess.run([RAY, "job", "list", "--address", address], env=job_env(),
+                             capture_output=True).returncode:
+            if time.time() > deadline or head.poll() is not None:
+                raise RuntimeError("the local Ray cluster did not start")
+            time.sleep(2)
+        yield address
+    finally:  # also when it did not start: no head left running after the tests
+        os.killpg(head.pid, signal.SIGTERM)
+        head.wait(timeout=60)
+        shutil.rmtree(temp, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")

@@ -102,6 +102,9 @@ def test_text_state_cache_is_written_once_and_read_back(small_root, tmp_path, mo
     computed = cached_backbone_states(model, texts, 32, progress=False)
     stored = sorted(p.name for p in (tmp_path / "text_states").iterdir())
     assert len(stored) == 2 and stored[1] == stored[0] + ".lock" and stored[0].endswith(".safetensors")  # no partial left
+    def recompute(*args, **kwargs):  # a second run must read the file, never run the backbone again
+        raise AssertionError("the backbone ran again: the cache was not read")
+    monkeypatch.setattr(model.text_encoder, "backbone_states", recompute)
     read_back = cached_backbone_states(model, texts, 32, progress=False)
     assert sorted(read_back) == sorted(computed) == sorted(set(texts))
     assert all(torch.equal(read_back[t], computed[t]) for t in computed)

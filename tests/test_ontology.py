@@ -76,6 +76,8 @@ def test_the_corpus_never_describes_a_held_out_molecule(chebi_root):
     assert not set(cids) & (select | test | validation)
     held_keys = {inchikey(molecules[c]) for c in select | test}
     assert not {inchikey(molecules[c]) for c in cids} & held_keys
+    # molecule -> text ranks real texts only: the derived corpus is training data, never a candidate
+    assert all(dataset is not derived for dataset in splits.pool) and sum(len(d) for d in splits.pool) == 3301
     report = splits.corpora["chebi ontology (derived)"]
     assert report["held_out_inchikey"] > 0  # train molecules that are a held-out molecule under another CID
     # a second, derived text for the real fit pairs: still none for the selection molecules
@@ -109,3 +111,20 @@ def test_the_online_source_is_the_offline_one(tmp_path, chebi_root):
     assert resolve_ontology_root(out) == out.resolve()
     with pytest.raises(FileNotFoundError, match="chebi.json"):
         resolve_ontology_root(Path(tmp_path / "nowhere"))
+
+
+def test_a_run_names_the_corpora_it_fit_on(tmp_path, chebi_root):
+    """metrics.json and the model directory say which corpora, and how many pairs of each, a run fit on."""
+    import json
+
+    from tmr.config import load_config
+    from tmr.model import from_pretrained
+    from tmr.train import fit
+
+    config = load_config("tiny", ["corpus.ontology=true", "train.epochs=1", "train.max_train_pairs=32",
+                                  f"output={tmp_path / 'run'}", f"data={chebi_root}"])
+    result = fit(config, progress=False, final_pools=("split",))
+    corpora = json.loads((tmp_path / "run" / "metrics.json").read_text())["corpora"]
+    assert corpora == result["corpora"] == from_pretrained(tmp_path / "run" / "best").training_data
+    assert corpora["chebi20 validation re-split (fit part)"]["pairs"] == 2801
+    assert corpora["chebi ontology (derived)"]["pairs"] > 26000 and corpora["chebi ontology (derived)"]["held_out"] == 3800

@@ -70,7 +70,7 @@ def test_tiny_sweep_is_interrupted_resumed_stops_early_and_writes_results(tmp_pa
     assert (out / "sweep.png").stat().st_size > 10_000
 
 
-def test_results_table_runs_resolve_to_the_recipes_the_readme_names():
+def test_results_table_runs_resolve_to_the_recipes_the_docs_name():
     from compare import resolve_bases, run_config
 
     from tmr.config import load_config
@@ -78,16 +78,27 @@ def test_results_table_runs_resolve_to_the_recipes_the_readme_names():
     runs = resolve_bases(yaml.safe_load((ROOT / "tune/runs_cpu.yaml").read_text())["runs"])
     configs = {name: run_config(spec).to_dict() for name, spec in runs.items()}
     assert configs["full"] == load_config("cpu").to_dict()
+    assert configs["full"]["corpus"]["real"] and configs["full"]["corpus"]["ontology"]  # everything the root offers
+    # the preset before the derived corpus: real pairs only, 40 epochs; nothing else differs
+    real_only = copy.deepcopy(configs["real_e40"])
+    assert (real_only["corpus"]["ontology"], real_only["train"]["epochs"]) == (False, 40)
+    real_only["corpus"]["ontology"], real_only["train"]["epochs"] = True, configs["full"]["train"]["epochs"]
+    assert real_only == configs["full"]
+    # clip on the same data as the method, the derived corpus alone: one change each
+    assert configs["clip_mixed"]["corpus"] == configs["full"]["corpus"]
+    assert configs["clip_mixed"]["train"]["epochs"] == configs["full"]["train"]["epochs"]
+    assert (configs["derived_only"]["corpus"]["real"], configs["derived_only"]["corpus"]["ontology"]) == (False, True)
     shorter = copy.deepcopy(configs["full_e30"])  # the preset before 40 epochs: only the length differs
-    assert shorter["train"]["epochs"] == 30 and configs["full"]["train"]["epochs"] == 40
+    assert shorter["train"]["epochs"] == 30 and configs["real_e40"]["train"]["epochs"] == 40
     shorter["train"]["epochs"] = 40
-    assert shorter == configs["full"]
+    assert shorter == configs["real_e40"]
     previous = copy.deepcopy(configs["full_no_token_dropout"])  # the preset before token dropout: only that differs
     assert previous["model"]["text"]["token_dropout"] == 0 and configs["full_e30"]["model"]["text"]["token_dropout"] > 0
     previous["model"]["text"]["token_dropout"] = configs["full_e30"]["model"]["text"]["token_dropout"]
     assert previous == configs["full_e30"]
     # every ablation removes one part from its recipe and keeps the rest
-    for recipe, prefix in (("full", "cpu_no_"), ("full_no_token_dropout", "full_no_"), ("full_b64", "no_")):
+    for recipe, prefix in (("full", "mixed_no_"), ("real_e40", "cpu_no_"), ("full_no_token_dropout", "full_no_"),
+                           ("full_b64", "no_")):
         removed = {"memory_bank": configs[f"{prefix}memory_bank"]["model"]["projector"]["memory_size"],
                    "second_order": configs[f"{prefix}second_order"]["loss"]["intra_weight"]
                    + configs[f"{prefix}second_order"]["loss"]["cross_weight"],

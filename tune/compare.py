@@ -35,6 +35,7 @@ COLUMNS = [
     ("split.molecule_to_text.hits@10", "M→T H@10"), ("split.molecule_to_text.mrr", "M→T MRR"),
     ("all.text_to_molecule.hits@1", "T→M H@1 (all)"), ("all.text_to_molecule.hits@10", "T→M H@10 (all)"),
     ("all.text_to_molecule.mrr", "T→M MRR (all)"), ("all.text_to_molecule.mean_rank", "T→M mean rank (all)"),
+    ("class_queries.precision@10", "class queries P@10"),
 ]
 
 

@@ -131,6 +131,12 @@ def resolve_run_inputs(config):
     if config.corpus.ontology:
         from tmr.data.ontology import resolve_ontology_root
 
+        needed = [name for name in (CANDIDATE_POOL, "train_cids.txt") if not (Path(config.data) / name).exists()]
+        if needed:
+            raise InputError(f"corpus.ontology needs {' and '.join(needed)} in the data root {config.data} "
+                             "(../shared/data/chebi20 has both): give such a root with --data, or set "
+                             "corpus.ontology=false to fit on its real pairs alone")
+
         try:
             config.corpus.ontology_path = str(resolve_ontology_root(config.corpus.ontology_path, config.data))
         except OSError as error:

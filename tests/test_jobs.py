@@ -40,6 +40,8 @@ def cluster():
     instances on the machine live on); yields the job server's address."""
     temp = tempfile.mkdtemp(prefix="rj", dir="/tmp")  # short: Ray's socket paths have a length limit
     dashboard = free_port()
+    # the README's first command: a token in ~/.ray/auth_token unless there is one (a fresh machine has none)
+    subprocess.run([RAY, "get-auth-token", "--generate"], env=job_env(), capture_output=True, check=True)
     head = subprocess.Popen([RAY, "start", "--head", "--block", "--num-cpus", "2", "--port", str(free_port()),
                              "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard),
                              # ports of their own: another Ray on the machine (a training run) holds the defaults

@@ -14,8 +14,6 @@ import argparse
 import json
 import logging
 import os
-
-
 import sys
 
 from tmr.config import load_config

@@ -118,8 +118,9 @@ def compare(runs_file: str, seeds: list[int], out: str, only: list[str] | None =
         runs = {name: spec for name, spec in runs.items() if name in only}
     # each run's inputs resolved here to absolute paths (trials of a comparison submitted as a Ray job run
     # in a copy of the code with no ../shared beside it); a missing one fails now, naming its fix
-    inputs = {name: input_overrides(run_config(spec))[1:] for name, spec in runs.items()}
-    data = input_overrides(run_config(next(iter(runs.values()))))[0].split("=", 1)[1]
+    resolved = {name: input_overrides(run_config(spec)) for name, spec in runs.items()}  # ["data=...", ...]
+    data = next(iter(resolved.values()))[0].split("=", 1)[1]
+    inputs = {name: overrides[1:] for name, overrides in resolved.items()}
     out_dir = Path(out).resolve()
     trainable = tune.with_resources(tune.with_parameters(run_one, runs=runs, data=data, threads=threads,
                                                          inputs=inputs), {"cpu": threads})

@@ -24,9 +24,7 @@ from tqdm.auto import tqdm
 
 from tmr.atomic import atomic_file
 from tmr.data.featurize import InvalidMolecule, featurize
-from tmr.data.sources import CACHE, CANDIDATE_POOL, available_splits, read_pairs
-
-TRAIN_CIDS = "train_cids.txt"  # the train split's molecules (PROVENANCE.md): the only ones a derived text may describe
+from tmr.data.sources import CACHE, CANDIDATE_POOL, TRAIN_CIDS, available_splits, missing_corpus_files, read_pairs
 
 log = logging.getLogger("tmr.data")
 FEATURE_VERSION = "1"  # bump when featurize() changes, so caches are rebuilt
@@ -226,14 +224,15 @@ def ontology_dataset(root: Path, corpus, fit_ids: list[str], cache_dir: str | Pa
     every molecule of the data root that is not one of those held out by CID and by InChIKey."""
     from tmr.data.ontology import build_ontology_corpus, read_cids, read_molecules, resolve_ontology_root
 
-    needed = [root / name for name in (CANDIDATE_POOL, TRAIN_CIDS) if not (root / name).exists()]
+    needed = [str(root / name) for name in missing_corpus_files(root)]
     if needed:
-        raise FileNotFoundError(f"corpus.ontology needs {', '.join(str(p) for p in needed)} (../shared/data/chebi20 "
+        raise FileNotFoundError(f"corpus.ontology needs {', '.join(needed)} (../shared/data/chebi20 "
                                 "has both); give a data root that holds them, or set corpus.ontology=false")
     molecules = read_molecules(root / CANDIDATE_POOL)
-    allowed = read_cids(root / TRAIN_CIDS) + (list(fit_ids) if corpus.ontology_fit_texts else [])
+    train = read_cids(root / TRAIN_CIDS)
+    allowed = train + (list(fit_ids) if corpus.ontology_fit_texts else [])
     # held out: every ChEBI-20 molecule that is neither a train-split molecule nor a real fit pair's
-    fit_or_train = set(read_cids(root / TRAIN_CIDS)) | set(fit_ids)
+    fit_or_train = set(train) | set(fit_ids)
     held_out = [cid for cid in molecules if cid not in fit_or_train]
     path, report = build_ontology_corpus(resolve_ontology_root(corpus.ontology_path, root), molecules, allowed,
                                          held_out, cache_dir, progress)

@@ -32,7 +32,6 @@ import re
 import urllib.request
 import zipfile
 from collections import defaultdict
-from functools import cached_property
 from pathlib import Path
 
 from tmr.atomic import atomic_file
@@ -186,14 +185,6 @@ class Ontology:
                 sentences.append(template.format(_listing(names(relation))))
         return " ".join(sentences)
 
-    @cached_property
-    def children(self) -> dict[str, list[str]]:
-        out: dict[str, list[str]] = defaultdict(list)
-        for chebi_id in self.entities:
-            for parent in self.relations(chebi_id).get("is_a", []):
-                out[parent].append(chebi_id)
-        return out
-
     def ancestors(self, chebi_id: str) -> set[str]:
         """Every class the entity is_a, transitively (itself excluded)."""
         seen, stack = set(), list(self.relations(chebi_id).get("is_a", []))
@@ -293,8 +284,6 @@ def build_ontology_corpus(ontology_root: str | os.PathLike, molecules: dict[str,
             partial.write_text(json.dumps(report, indent=2))
     log.info("ontology corpus: %d derived descriptions (%s)", len(rows), report)
     return path, report
-
-
 
 
 def class_queries(ontology: Ontology, cids: list[str], min_members: int = 10, max_share: float = 0.2

@@ -40,6 +40,12 @@ CACHE = Path(os.environ.get("TMR_CACHE", Path.home() / ".cache" / "tmr"))
 MOL2VEC_URL = "https://raw.githubusercontent.com/cnedwards/text2mol/master/data/token_embedding_dict.npy"
 MOL2VEC_SHA256 = "da4fe9f0a97db2948abf172cefc483708d718cfdfb558df1ed32e659dd6594a3"  # PROVENANCE.md
 CANDIDATE_POOL = "molecules.tsv"
+TRAIN_CIDS = "train_cids.txt"  # the train split's molecules (PROVENANCE.md): the only ones a derived text may describe
+
+
+def missing_corpus_files(root: str | os.PathLike) -> list[str]:
+    """What corpus.ontology needs in a data root and the root lacks (molecules.tsv, train_cids.txt)."""
+    return [name for name in (CANDIDATE_POOL, TRAIN_CIDS) if not (Path(root) / name).exists()]
 
 
 def _shared_candidates(name: str = "chebi20") -> list[Path]:
@@ -131,12 +137,11 @@ def resolve_run_inputs(config):
     if config.corpus.ontology:
         from tmr.data.ontology import resolve_ontology_root
 
-        needed = [name for name in (CANDIDATE_POOL, "train_cids.txt") if not (Path(config.data) / name).exists()]
+        needed = missing_corpus_files(config.data)
         if needed:
             raise InputError(f"corpus.ontology needs {' and '.join(needed)} in the data root {config.data} "
                              "(../shared/data/chebi20 has both): give such a root with --data, or set "
                              "corpus.ontology=false to fit on its real pairs alone")
-
         try:
             config.corpus.ontology_path = str(resolve_ontology_root(config.corpus.ontology_path, config.data))
         except OSError as error:

@@ -1,8 +1,8 @@
 """Ray Serve app: a trained tmr model as autoscaled retrieval replicas behind HTTP.
 
-    Encoder (dynamic batching: texts, SMILES)  ─┐
-    MoleculeShard x N (faiss over 1/N of a library) ├─ Ingress (FastAPI): merges top-k across shards
-    TextShard x N (texts, for /describe)        ─┘
+    Encoder (dynamic batching: /embed's lists)  ─┐
+    MoleculeShard x N (faiss over 1/N of a library) ├─ Ingress (FastAPI): encodes a search's query,
+    TextShard x N (texts, for /describe)        ─┘    merges top-k across shards
 
     serve run serve.app:app model_dir=runs/cpu/best molecules=runs/index/molecules texts=runs/index/texts
     serve deploy serve/config.yaml
@@ -24,101 +24,62 @@ from urllib.parse import quote
 import numpy as np
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import ValidationError
 from ray import serve
 
-from tmr.chem import PROPERTIES, MoleculeFilter
+from serve.requests import (STATIC, STATIC_TYPES, EmbedRequest, Filters, MoleculeQuery, QueryCache, TextQuery,
+                            parse_or_422, query_from_params, query_structure, static_file)
 
-MAX_TEXT_CHARS = 4000
 MAX_BODY_BYTES = 64 * 1024
-MAX_K = 1000
 MAX_LOOKED_AT = 20_000  # candidates a filtered search may examine before it reports how many passed
-STATIC = Path(__file__).with_name("static")
-STATIC_TYPES = {".html": "text/html", ".js": "text/javascript", ".css": "text/css", ".svg": "image/svg+xml"}
-Bounds = tuple[float | None, float | None]
+WARM_UP_DESCRIPTION = ("The molecule is a monocarboxylic acid that is propanoic acid in which one of the hydrogens at "
+                       "position 2 is substituted by a 4-(2-methylpropyl)phenyl group. It has a role as a "
+                       "non-steroidal anti-inflammatory drug, a cyclooxygenase 2 inhibitor and a drug allergen.")
 
 
-class Filters(BaseModel):
-    """Property ranges [min, max] (inclusive, null = open), Lipinski pass/fail, a SMARTS substructure."""
+class QueryEncoder:
+    """The model's two encoders in this process, warmed up: texts through the backbone on ONNX
+    Runtime (exported on first deploy, cached beside the model; torch without onnxruntime)."""
 
-    model_config = ConfigDict(extra="forbid")
-    mw: Bounds | None = None
-    clogp: Bounds | None = None
-    hbd: Bounds | None = None
-    hba: Bounds | None = None
-    tpsa: Bounds | None = None
-    rotatable_bonds: Bounds | None = None
-    lipinski: bool | None = None
-    smarts: str | None = Field(None, max_length=1000)
+    def __init__(self, model_dir: str):
+        import torch
 
-    def build(self) -> MoleculeFilter:
-        from tmr.chem import InvalidFilter
+        from tmr.fast_text import text_encoder_for
+        from tmr.model import from_pretrained
 
-        ranges = {key: value for key, value in self.model_dump(exclude={"lipinski", "smarts"}).items() if value}
-        try:
-            return MoleculeFilter(ranges, self.smarts or None, self.lipinski)
-        except InvalidFilter as error:
-            raise HTTPException(status_code=422, detail=str(error)) from error
+        threads = int(os.environ.get("TMR_SERVE_THREADS", "1"))
+        torch.set_num_threads(threads)
+        self.model = from_pretrained(model_dir)
+        self.text, self.engine = text_encoder_for(self.model, model_dir, threads)
+        # warm up before the replica reports healthy: the first calls pay for lazy init and kernel selection,
+        # at a short and a ChEBI-length query (and the batch shapes concurrent queries make)
+        for texts in (["The molecule is a monocarboxylic acid."], [WARM_UP_DESCRIPTION] * 4):
+            for _ in range(3):
+                self.text(texts)
+        for _ in range(3):
+            self.model.encode_molecule(["CC(C)Cc1ccc(cc1)C(C)C(=O)O"])
 
-
-class TextQuery(BaseModel):
-    text: str = Field(..., description="a description of the molecules wanted")
-    k: int = Field(10, ge=1, le=MAX_K)
-    filters: Filters | None = None
-
-    @field_validator("text")
-    @classmethod
-    def _text(cls, value: str) -> str:
-        if not value.strip():
-            raise ValueError("text is empty")
-        if len(value) > MAX_TEXT_CHARS:
-            raise ValueError(f"text is {len(value)} characters; at most {MAX_TEXT_CHARS}")
-        return value
-
-
-class MoleculeQuery(BaseModel):
-    smiles: str | None = Field(None, min_length=1, max_length=2000)
-    molfile: str | None = Field(None, description="a .mol or .sdf text (its first record) instead of SMILES")
-    k: int = Field(10, ge=1, le=MAX_K)
-    filters: Filters | None = None
-
-    @model_validator(mode="after")
-    def _one_structure(self):
-        if (self.smiles is None) == (self.molfile is None):
-            raise ValueError("give exactly one of smiles or molfile")
-        return self
-
-
-class EmbedRequest(BaseModel):
-    texts: list[str] = Field(default_factory=list, max_length=256)
-    smiles: list[str] = Field(default_factory=list, max_length=256)
+    def molecules(self, smiles: list[str]):
+        return self.model.encode_molecule(smiles)
 
 
 # max_ongoing_requests above the batch size, or requests wait in the router instead of in a batch
 @serve.deployment(ray_actor_options={"num_cpus": 0.5}, max_ongoing_requests=64,
                   autoscaling_config={"min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 8})
 class Encoder:
-    """The model's two encoders; concurrent requests are batched (`@serve.batch`)."""
+    """The encoders as a deployment: concurrent requests are batched (`@serve.batch`). Searches encode
+    in the ingress unless `encode_in_ingress=false`; /embed's lists come here."""
 
     def __init__(self, model_dir: str):
-        import torch
-
-        from tmr.model import from_pretrained
-
-        torch.set_num_threads(int(os.environ.get("TMR_SERVE_THREADS", "1")))
-        self.model = from_pretrained(model_dir)
-        # warm up before the replica reports healthy: the first calls pay for lazy init and kernel selection
-        for _ in range(3):
-            self.model.encode_text(["The molecule is a monocarboxylic acid."])
-            self.model.encode_molecule(["CC(C)Cc1ccc(cc1)C(C)C(=O)O"])
+        self.encoders = QueryEncoder(model_dir)
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
     async def embed_texts(self, texts: list[str]) -> list[np.ndarray]:
-        return list(self.model.encode_text(texts).numpy())
+        return list(self.encoders.text(texts).numpy())
 
     @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.005)
     async def embed_smiles(self, smiles: list[str]) -> list[np.ndarray]:
-        return list(self.model.encode_molecule(smiles).numpy())  # parsed by the ingress first: no bad input here
+        return list(self.encoders.molecules(smiles).numpy())  # parsed by the ingress first: no bad input here
 
     async def text(self, text: str) -> np.ndarray:
         return await self.embed_texts(text)
@@ -126,9 +87,8 @@ class Encoder:
     async def molecule(self, smiles: str) -> np.ndarray:
         return await self.embed_smiles(smiles)
 
-    def check_health(self) -> None:
-        if self.model is None:
-            raise RuntimeError("model not loaded")
+    def engine(self) -> str:
+        return self.encoders.engine
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=64,
@@ -183,60 +143,24 @@ async def idempotent(method, *args):
         return await method.remote(*args)
 
 
-def parse_or_422(smiles: str):
-    """Parsed molecule, or a 422 naming the SMILES (also for atoms the featuriser cannot encode)."""
-    from tmr.data.featurize import InvalidMolecule, featurize, parse_smiles
-
-    try:
-        featurize(smiles)
-        return parse_smiles(smiles)
-    except InvalidMolecule as error:
-        raise HTTPException(status_code=422, detail=f"invalid SMILES {smiles!r}: {error}") from error
-
-
-def query_structure(query: MoleculeQuery):
-    """The query's molecule (from SMILES or an uploaded .mol/.sdf), parsed, or a 422."""
-    if query.molfile is None:
-        return parse_or_422(query.smiles)
-    from tmr.chem import molfile_to_smiles
-
-    try:
-        return parse_or_422(molfile_to_smiles(query.molfile))
-    except ValueError as error:
-        raise HTTPException(status_code=422, detail=str(error)) from error
-
-
-def query_from_params(params: dict) -> tuple[str, TextQuery | MoleculeQuery]:
-    """The page's URL (mode, q, k, mw_min, mw_max, ..., lipinski, smarts) as an API query, or a 422."""
-    mode = params.get("mode", "text")
-    if mode not in ("text", "molecule", "describe"):
-        raise HTTPException(status_code=422, detail=f"mode {mode!r}; use text, molecule or describe")
-    filters: dict = {}
-    for key in PROPERTIES:
-        low, high = params.get(f"{key}_min") or None, params.get(f"{key}_max") or None
-        if low is not None or high is not None:
-            filters[key] = (low, high)
-    if params.get("lipinski") in ("pass", "fail"):
-        filters["lipinski"] = params["lipinski"] == "pass"
-    if params.get("smarts"):
-        filters["smarts"] = params["smarts"]
-    body = {"k": params.get("k", 10), "filters": filters or None}
-    try:
-        if mode == "text":
-            return mode, TextQuery(text=params.get("q", ""), **body)
-        return mode, MoleculeQuery(smiles=params.get("q") or None, **body)
-    except ValidationError as error:
-        raise HTTPException(status_code=422, detail=error.errors(include_url=False, include_context=False)) from error
-
-
 @serve.deployment(ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=128)
 @serve.ingress(api)
 class Ingress:
-    def __init__(self, encoder, molecule_shards: list, text_shards: list, info: dict):
+    def __init__(self, encoder, molecule_shards: list, text_shards: list, info: dict, model_dir: str | None = None):
         from tmr.chem import depict_svg, properties
 
         self.encoder, self.molecule_shards, self.text_shards, self.info_ = encoder, molecule_shards, text_shards, info
+        self.query_cache = QueryCache()
+        # a search's one query encoded here, in a worker thread (ONNX Runtime and torch release the GIL):
+        # no hop to the Encoder and no batch window (measured: docs/serving.md)
+        self.local = QueryEncoder(model_dir) if model_dir else None
         depict_svg("c1ccccc1O", "c1ccccc1"), properties("c1ccccc1O")  # warm up RDKit's drawing and descriptors
+
+    async def _encode(self, kind: str, value: str) -> np.ndarray:
+        if self.local is None:
+            return await idempotent(self.encoder.text if kind == "text" else self.encoder.molecule, value)
+        encode = self.local.text if kind == "text" else self.local.molecules
+        return await asyncio.to_thread(lambda: encode([value])[0].numpy())
 
     async def _search(self, shards: list, vector: np.ndarray, k: int) -> list[dict]:
         from tmr.index import merge_top_k
@@ -281,12 +205,13 @@ class Ingress:
 
     async def _answer(self, mode: str, query) -> dict:
         if mode == "text":
-            vector = await idempotent(self.encoder.text, query.text)
+            vector = await self.query_cache.get(("text", query.text), lambda: self._encode("text", query.text))
             return {"query": query.text, **await self._molecules(vector, query.k, query.filters)}
         parsed = query_structure(query)
         if mode == "describe" and not self.text_shards:
             raise HTTPException(status_code=404, detail="no text corpus is deployed")
-        vector = await idempotent(self.encoder.molecule, parsed.canonical_smiles)
+        smiles = parsed.canonical_smiles
+        vector = await self.query_cache.get(("molecule", smiles), lambda: self._encode("molecule", smiles))
         if mode == "describe":
             return {"query": parsed.canonical_smiles, "results": await self._search(self.text_shards, vector, query.k)}
         return {"query": parsed.canonical_smiles,
@@ -336,9 +261,7 @@ class Ingress:
 
     @api.get("/static/{name}")
     async def static(self, name: str) -> Response:
-        path = STATIC / name
-        if path.parent != STATIC or path.suffix not in STATIC_TYPES or not path.is_file():
-            raise HTTPException(status_code=404, detail=f"no static file {name!r}")
+        path = static_file(name)
         return Response(path.read_bytes(), media_type=STATIC_TYPES[path.suffix],
                         headers={"Cache-Control": "public, max-age=3600"})
 
@@ -364,12 +287,14 @@ class Ingress:
     async def info(self) -> dict:
         """The deployment: model, libraries, and where each molecule shard runs (rows, Ray node)."""
         shards = await asyncio.gather(*[shard.placement.remote() for shard in self.molecule_shards])
-        return {**self.info_, "molecule_shards": shards}
+        return {**self.info_, "molecule_shards": shards, "query_cache": self.query_cache.stats(),
+                "text_engine": self.local.engine if self.local else await self.encoder.engine.remote(),
+                "encode_in_ingress": self.local is not None}
 
 
 def build_app(args: dict):
     """`serve run serve.app:app model_dir=... molecules=... [texts=...] [shards=N] [encoder_max_replicas=N]
-    [downscale_delay_s=S]`."""
+    [downscale_delay_s=S] [encode_in_ingress=false]`."""
     import json
 
     model_dir = args.get("model_dir") or os.environ.get("TMR_MODEL", "runs/cpu/best")
@@ -394,7 +319,8 @@ def build_app(args: dict):
                           "id_url": manifest.get("id_url")},
             "texts": json.loads((Path(texts) / "manifest.json").read_text())["count"] if texts else 0,
             "shards": shards, "dim": manifest["dim"]}
-    return Ingress.bind(encoder, molecule_shards, text_shards, info)
+    in_ingress = str(args.get("encode_in_ingress", "true")).lower() in ("1", "true", "yes")
+    return Ingress.bind(encoder, molecule_shards, text_shards, info, str(Path(model_dir).resolve()) if in_ingress else None)
 
 
 app = build_app

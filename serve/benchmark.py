@@ -1,6 +1,10 @@
-"""Serving benchmark (prints figures, writes JSON): latency and QPS of /search/text over HTTP, the
-same queries through the bare library in the same run (so the Serve overhead is a ratio), the
-first query after deploy, and a fuzz run.
+"""Serving benchmark (prints figures, writes JSON): latency and QPS of /search/text over HTTP at c=1, 8
+and 32 for two kinds of real query, reported apart with their token lengths: short user-style
+sentences and ChEBI-20 validation descriptions, every measured query distinct (none answered from
+the query cache; repeats are measured apart). In the same run: the same queries through the bare
+library in one process with the replica's text engine (the Serve overhead as a ratio), the
+encoder's own batched throughput (the ceiling c=32 is a share of), the first query after deploy,
+and a fuzz run.
 
     python serve/benchmark.py --model runs/cpu/best --library chebi20=runs/index/molecules \
         --library moses_1m=runs/index/moses_1m --out results/benchmark_serve.json
@@ -27,13 +31,38 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-QUERIES = [
-    "The molecule is an aryl propionic acid that is an anti-inflammatory agent and inhibits cyclooxygenase.",
-    "The molecule is a monocarboxylic acid anion obtained by deprotonation of the carboxy group.",
-    "The molecule is a steroid hormone with a ketone at position 3.",
-    "The molecule is a beta-lactam antibiotic.",
-    "The molecule is a flavonoid found in plants with antioxidant activity.",
-]
+# Short user-style queries: what a chemist types into the page (distinct: a repeat would hit the query cache)
+SUBJECTS = ["an aryl propionic acid", "a beta-lactam antibiotic", "a steroid hormone", "a flavonoid",
+            "a monocarboxylic acid anion", "an opioid analgesic", "a sulfonamide", "a purine nucleoside",
+            "a quinolone antibacterial", "a tetracyclic terpenoid", "a benzodiazepine", "a fatty acid ester",
+            "an indole alkaloid", "a cephalosporin", "a glucoside", "a tertiary amine", "a coumarin",
+            "a catecholamine", "a macrolide", "a phenothiazine"]
+ROLES = ["that inhibits COX-2", "with anti-inflammatory activity", "used as an antidepressant",
+         "that is a plant metabolite", "with antioxidant activity", "that blocks calcium channels",
+         "used against malaria", "that is a human metabolite", "with antifungal activity", "used as a herbicide"]
+
+
+def short_queries(count: int) -> list[str]:
+    queries = [f"{subject} {role}" for role in ROLES for subject in SUBJECTS]
+    if count > len(queries):
+        raise SystemExit(f"--requests {count}: at most {len(queries)} distinct short queries")
+    return random.Random(0).sample(queries, count)
+
+
+def chebi_queries(count: int, skip: int = 0) -> list[str]:
+    """Distinct ChEBI-20 validation descriptions (what the page's example is), from the data root."""
+    from tmr.data import MoleculeTextDataset, resolve_data_root
+
+    texts = list(dict.fromkeys(MoleculeTextDataset(resolve_data_root() / "validation.txt", progress=False).texts))
+    return texts[skip:skip + count]
+
+
+def token_lengths(model_dir: str, texts: list[str]) -> dict:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(Path(model_dir) / "text_encoder")
+    lengths = [len(tokenizer(t, truncation=True, max_length=256)["input_ids"]) for t in texts]
+    return {"mean": float(np.mean(lengths)), "p50": percentile(lengths, 50), "max": max(lengths)}
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -59,19 +88,60 @@ async def load(client: httpx.AsyncClient, path: str, bodies: list[dict], concurr
             "non_200": sum(s != 200 for s in statuses)}
 
 
-def bare_library(model_dir: str, index_dir: str, queries: list[str], k: int = 10) -> dict:
+def bare_library(model_dir: str, index_dir: str, queries: list[str], k: int = 10, threads: int = 1) -> dict:
+    """The same queries through the library in this process, with the engine a replica uses."""
+    import torch
+
+    from tmr.fast_text import text_encoder_for
     from tmr.index import RetrievalIndex
     from tmr.model import from_pretrained
 
+    torch.set_num_threads(threads)
     model, index = from_pretrained(model_dir), RetrievalIndex(index_dir)
+    encode, engine = text_encoder_for(model, model_dir, threads)
+    for text in queries[:5]:
+        encode([text])
     latencies = []
     for text in queries:
         started = time.perf_counter()
-        scores, rows = index.search(model.encode_text([text]).numpy(), k)
+        scores, rows = index.search(encode([text]).numpy(), k)
         [index.record(r) for r in rows[0]]
         latencies.append(time.perf_counter() - started)
-    return {"requests": len(queries), "p50_ms": 1000 * percentile(latencies, 50),
-            "p99_ms": 1000 * percentile(latencies, 99), "qps": len(queries) / sum(latencies)}
+    # the encoder's own ceiling: batches of 32 (the served batch size), texts per second
+    started = time.perf_counter()
+    for i in range(0, len(queries), 32):
+        encode(queries[i:i + 32])
+    ceiling = len(queries) / (time.perf_counter() - started)
+    return {"requests": len(queries), "engine": engine, "threads": threads, "p50_ms": 1000 * percentile(latencies, 50),
+            "p99_ms": 1000 * percentile(latencies, 99), "qps": len(queries) / sum(latencies),
+            "encoder_batched_texts_per_s": ceiling}
+
+
+# At the caps (tmr.chem): the costliest requests the API still accepts. A chain of small rings is
+# the slowest shape to lay out of those tried (0.2 s at 255 atoms, against 0.03 s for a 300-atom chain).
+RING_CHAIN_300 = "C1CC(CC1)" * 60  # 300 heavy atoms: 60 cyclopentanes in a chain
+SMARTS_AT_CAPS = "[$(c1ccccc1)][$(C(=O)O)]" + "C" * 28  # 30 atoms, 2 recursive environments: passes nothing
+
+
+async def worst_requests(port: int) -> dict:
+    """Wall time of the most expensive requests the caps allow, one at a time on a warm app."""
+    from tmr.chem import MAX_ATOMS
+
+    timed = {}
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=600) as client:
+        requests = {
+            "depict_300_atoms": ("GET", "/depict", {"smiles": RING_CHAIN_300}),
+            "depict_300_atoms_with_300_atom_query": ("GET", "/depict", {"smiles": RING_CHAIN_300,
+                                                                        "query": "C" * MAX_ATOMS}),
+            "structure_query_300_atoms": ("POST", "/search/molecule", {"smiles": RING_CHAIN_300, "k": 10}),
+            "smarts_filter_nothing_passes": ("POST", "/search/text", {"text": "a quinone (worst)", "k": 10,
+                                                                      "filters": {"smarts": SMARTS_AT_CAPS}}),
+        }
+        for name, (method, path, payload) in requests.items():
+            started = time.perf_counter()
+            response = await (client.get(path, params=payload) if method == "GET" else client.post(path, json=payload))
+            timed[name] = {"ms": 1000 * (time.perf_counter() - started), "status": response.status_code}
+    return timed
 
 
 def fuzz_bodies(count: int, seed: int = 0) -> list[tuple[str, object]]:
@@ -141,7 +211,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True)
     parser.add_argument("--library", required=True, action="append", help="NAME=index directory (jobs/index.py)")
-    parser.add_argument("--requests", type=int, default=200)
+    parser.add_argument("--requests", type=int, default=150, help="measured queries per kind and concurrency")
     parser.add_argument("--fuzz", type=int, default=2000)
     parser.add_argument("--encoder-max-replicas", type=int, default=1,
                         help="autoscaling bound of the encoder (1 on a 2-core machine: more replicas only contend)")
@@ -152,27 +222,39 @@ def main() -> None:
         name, _, path = spec.rpartition("=")
         libraries[name or Path(path).name] = {"path": path, **json.loads((Path(path) / "manifest.json").read_text())}
     port = start_local_serve()
-    report = {"libraries": {}, "device": "cpu (2 cores)"}
-    queries = [QUERIES[i % len(QUERIES)] + f" ({i})" for i in range(args.requests)]
+    report = {"libraries": {}, "device": "cpu (2 cores)", "query_sets": {}}
+    # distinct queries per set and per use: a warm-up, then the measured ones (none seen before)
+    sets = {"short": short_queries(args.requests + 10), "chebi": chebi_queries(args.requests + 10)}
+    for kind, texts in sets.items():
+        report["query_sets"][kind] = {"requests": args.requests, "tokens": token_lengths(args.model, texts)}
     for name, library in libraries.items():
         serve.run(build_app({"model_dir": args.model, "molecules": library["path"],
                              "encoder_max_replicas": args.encoder_max_replicas}), name="bench", route_prefix="/")
 
-        async def measure():
+        async def measure(warm: list[str], measured: list[str]):
             async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=120) as client:
-                first = await load(client, "/search/text", [{"text": "The molecule is a first query.", "k": 10}], 1)
-                await load(client, "/search/text", [{"text": q, "k": 10} for q in queries[:10]], 4)  # warm-up
-                runs = [await load(client, "/search/text", [{"text": q, "k": 10} for q in queries], c) for c in (1, 8, 32)]
-                return first, runs
+                await load(client, "/search/text", [{"text": q, "k": 10} for q in warm], 4)
+                runs = {}
+                for c in (1, 8, 32):  # a suffix per level: every measured query is new to the query cache
+                    runs[c] = await load(client, "/search/text", [{"text": f"{q} ({c})", "k": 10} for q in measured], c)
+                repeats = await load(client, "/search/text", [{"text": f"{q} (1)", "k": 10} for q in measured[:50]], 1)
+                return runs, repeats
 
-        first, runs = asyncio.run(measure())
-        bare = bare_library(args.model, library["path"], queries)
-        report["libraries"][name] = {
-            "count": library["count"], "index": library["index"], "recall_at_10": library.get("recall_at_10"),
-            "search_params": library.get("search_params"), "first_query_after_deploy_ms": first["p50_ms"],
-            "http": runs, "bare_library": bare,
-            "serve_overhead_p50_ratio_c1": runs[0]["p50_ms"] / bare["p50_ms"]}
-        print(name, json.dumps(report["libraries"][name], indent=2), flush=True)
+        async def first_query():
+            async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=120) as client:
+                return (await load(client, "/search/text", [{"text": sets["chebi"][0] + " (first)", "k": 10}], 1))["p50_ms"]
+
+        result = {"count": library["count"], "index": library["index"], "recall_at_10": library.get("recall_at_10"),
+                  "search_params": library.get("search_params"), "first_query_after_deploy_ms": asyncio.run(first_query())}
+        for kind, texts in sets.items():
+            runs, repeats = asyncio.run(measure(texts[:10], texts[10:]))
+            bare = bare_library(args.model, library["path"], [f"{q} (bare)" for q in texts[10:]])
+            result[kind] = {"http": list(runs.values()), "repeated_queries_c1": repeats, "bare_library": bare,
+                            "serve_overhead_p50_ratio_c1": runs[1]["p50_ms"] / bare["p50_ms"],
+                            "c32_qps_share_of_encoder_ceiling": runs[32]["qps"] / bare["encoder_batched_texts_per_s"]}
+        result["worst_allowed_requests_ms"] = asyncio.run(worst_requests(port))
+        report["libraries"][name] = result
+        print(name, json.dumps(result, indent=2), flush=True)
         if name == next(iter(libraries)):
             async def fuzz_run():
                 async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=120) as client:

@@ -21,7 +21,9 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from serve.benchmark import QUERIES, fuzz, start_local_serve  # noqa: E402
+from serve.benchmark import fuzz, short_queries, start_local_serve  # noqa: E402
+
+QUERIES = short_queries(5)
 
 
 def replica_counts(app: str = "tmr") -> dict[str, int]:

@@ -76,3 +76,18 @@ def test_exports_and_molfile_upload():
     assert molfile_to_smiles(molblock + "$$$$\n" + molblock) == Chem.CanonSmiles(IBUPROFEN)
     with pytest.raises(ValueError, match="cannot read"):
         molfile_to_smiles("not a molfile")
+
+
+def test_requests_are_capped_at_the_stated_limits_and_the_limit_itself_is_accepted():
+    from tmr.chem import MAX_ATOMS, MAX_SMARTS_ATOMS, InvalidFilter, MoleculeFilter, TooLarge, depict_svg
+
+    assert "<svg" in depict_svg("C" * MAX_ATOMS)  # at the cap: drawn
+    with pytest.raises(TooLarge, match=f"{MAX_ATOMS + 1} heavy atoms; at most {MAX_ATOMS}"):
+        depict_svg("C" * (MAX_ATOMS + 1))
+    with pytest.raises(TooLarge, match="query has"):
+        depict_svg("CCO", "C" * (MAX_ATOMS + 1))
+    MoleculeFilter(smarts="C" * MAX_SMARTS_ATOMS)
+    for smarts, limit in (("C" * (MAX_SMARTS_ATOMS + 1), f"at most {MAX_SMARTS_ATOMS}"),
+                          ("[$(CO)][$(CN)][$(CS)]", "at most 2"), ("C" * 201, "at most 200")):
+        with pytest.raises(InvalidFilter, match=limit):
+            MoleculeFilter(smarts=smarts)

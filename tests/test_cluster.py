@@ -2,9 +2,13 @@
 each node with its own tmr cache directory, as separate machines have.
 The index build runs its actors on both nodes and writes the same index as an in-process build;
 Serve places the 4 shards of that index on both nodes and they answer as the library does; a
-training run puts one worker on each node, and each node featurises and caches its data once."""
+training run puts one worker on each node, each node featurises and caches its data once, and the
+model it trains equals the one the same run trains on a single machine."""
 
+import json
+import os
 import socket
+import subprocess
 import sys
 from pathlib import Path
 
@@ -12,12 +16,22 @@ import httpx
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+import torch
+from safetensors.torch import load_file
 
 from tmr.config import load_config
 from tmr.library import build_index
 from tmr.model import create_model, from_pretrained
 
 REPO = Path(__file__).resolve().parents[1]
+SINGLE_NODE_RUN = """
+import json, sys
+import ray
+from tmr.config import config_from_dict
+from tmr.distributed import train_with_ray
+ray.init(address="local", num_cpus=4, object_store_memory=150 * 1024**2, include_dashboard=False)
+train_with_ray(config_from_dict(json.loads(sys.argv[1])), threads_per_worker=2)
+"""
 QUERY = "The molecule is a monocarboxylic acid anion obtained by deprotonation of the carboxy group."
 
 
@@ -60,6 +74,9 @@ def test_index_build_and_shards_span_both_nodes(two_nodes, small_root, tmp_path)
     # 2 actors of 2 CPUs each cannot share a 2-CPU node: one embeds on each
     built = build_index(library, model, tmp_path / "molecules", chunk_size=30, actors=2, threads=2, progress=False)
     assert built["embeddings_sha256"] == reference["embeddings_sha256"]
+    nodes = {n["NodeID"] for n in ray.nodes() if n["Alive"]}
+    assert set(built["chunks_per_node"]) == nodes, built["chunks_per_node"]  # both nodes embedded chunks
+    assert sum(built["chunks_per_node"].values()) == 4
 
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -93,7 +110,21 @@ def test_training_puts_one_worker_on_each_node_and_each_node_caches_once(two_nod
                                   "train.cache_text_states=true"])
     metrics = train_with_ray(config, threads_per_worker=2)
     assert metrics["num_workers"] == 2 and len(metrics["history"]) == 1
-    assert (tmp_path / "run/best/model.safetensors").exists() and "val_mrr" in metrics["history"][0]
+
+    # the same run on one machine (its own single-node Ray, 2 workers of 2 threads): gradients that
+    # crossed nodes trained the same model
+    single = load_config("tiny", [f"output={tmp_path / 'single'}"])
+    single.data, single.model, single.train = config.data, config.model, config.train
+    reference = subprocess.run([sys.executable, "-c", SINGLE_NODE_RUN, json.dumps(single.to_dict())], text=True,
+                               capture_output=True, timeout=900, env={**os.environ, "TMR_CACHE": str(tmp_path / "cache")})
+    assert reference.returncode == 0, reference.stderr[-3000:]
+    alone = json.loads((tmp_path / "single/metrics.json").read_text())
+    for key in ("train_loss", "val_mrr_t2m", "val_mrr_m2t"):
+        assert metrics["history"][0][key] == pytest.approx(alone["history"][0][key], rel=1e-6, abs=1e-6), key
+    spread, together = (load_file(tmp_path / name / "best/model.safetensors") for name in ("run", "single"))
+    assert spread.keys() == together.keys()
+    for name, tensor in together.items():
+        assert torch.allclose(spread[name], tensor, atol=1e-6), name
 
     def cached(node: str) -> dict[str, int]:
         root = node_caches[node]

@@ -49,6 +49,15 @@ def test_paper_preset_trains_through_ray_train_and_deepspeed(local_ray, tmp_path
     model = from_pretrained(tmp_path / "paper/best")
     assert model.text_encoder.backbone.config.vocab_size == SCIBERT_VOCAB
     assert model.text_encoder.backbone.config.num_hidden_layers == 12
+    # fully fine-tuned, as the paper trains SciBERT: every transformer layer and the embeddings moved
+    initial = BertModel.from_pretrained(scibert_shaped)
+    start = dict(initial.named_parameters())
+    backbone = model.text_encoder.backbone
+    for i, layer in enumerate(backbone.encoder.layer):
+        for name, weight in layer.named_parameters():
+            if name.endswith("attention.self.query.weight") or name.endswith("output.dense.weight"):
+                assert not torch.equal(weight, start[f"encoder.layer.{i}.{name}"]), f"layer {i} {name} did not train"
+    assert not torch.equal(backbone.embeddings.LayerNorm.weight, start["embeddings.LayerNorm.weight"])
     text = model.encode_text(["The molecule is an aryl propionic acid."])
     molecule = model.encode_molecule(["CC(C)Cc1ccc(cc1)C(C)C(=O)O"])
     assert text.shape == molecule.shape == (1, 300)

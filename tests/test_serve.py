@@ -89,3 +89,22 @@ def test_malformed_json_health_info_and_embed(served):
     model = from_pretrained(root / "model")
     assert np.allclose(embedded["texts"][0], model.encode_text([QUERY])[0].numpy(), atol=1e-5)
     assert np.allclose(embedded["smiles"][0], model.encode_molecule(["CCO"])[0].numpy(), atol=1e-5)
+
+
+def test_a_repeated_query_is_answered_from_the_query_cache_with_the_same_answer(served):
+    client, _ = served
+    query = {"text": "The molecule is a short-chain fatty acid found in milk.", "k": 5}
+    before = client.get("/info").json()["query_cache"]
+    first = client.post("/search/text", json=query).json()
+    middle = client.get("/info").json()["query_cache"]
+    again = client.post("/search/text", json={**query, "k": 7}).json()  # another k: the same embedding
+    after = client.get("/info").json()["query_cache"]
+    assert (middle["misses"], middle["hits"]) == (before["misses"] + 1, before["hits"])
+    assert (after["misses"], after["hits"]) == (middle["misses"], middle["hits"] + 1)
+    assert again["results"][:5] == first["results"]
+    assert client.get("/info").json()["text_engine"] == "onnxruntime"
+    # molecules are keyed by canonical SMILES: another spelling of the same molecule hits
+    client.post("/search/molecule", json={"smiles": "CCCC(=O)O", "k": 3})
+    hits = client.get("/info").json()["query_cache"]["hits"]
+    client.post("/search/molecule", json={"smiles": "OC(=O)CCC", "k": 3})
+    assert client.get("/info").json()["query_cache"]["hits"] == hits + 1

@@ -46,6 +46,9 @@ def test_tiny_sweep_is_interrupted_resumed_stops_early_and_writes_results(tmp_pa
     from ray import tune
 
     assert tune.Tuner.can_restore(str(out / "tune"))
+    before = {d.name: ((d / "params.json").read_text(), (d / "result.json").read_text().splitlines())
+              for d in (out / "tune").iterdir() if (d / "params.json").exists()}
+    assert 2 <= len(before) <= 4 and sum(len(lines) for _, lines in before.values()) >= 2
     # the interrupted driver writes the table of what it has; the resumed sweep must add to it
     partial = json.loads((out / "trials.json").read_text()) if (out / "trials.json").exists() else []
     epochs_before = sum(r["epochs"] for r in partial)
@@ -59,6 +62,12 @@ def test_tiny_sweep_is_interrupted_resumed_stops_early_and_writes_results(tmp_pa
     rows = json.loads((out / "trials.json").read_text())
     assert len(rows) == 4 and all(r["error"] is None for r in rows), rows
     assert sum(r["epochs"] for r in rows) > epochs_before  # the restore trained what was left
+    # a restore, not a fresh sweep: the trials started before the interrupt are the same trials (ids,
+    # Optuna's parameters) and what they reported is kept, not trained again
+    assert set(before) <= {r["trial"] for r in rows}, (sorted(before), [r["trial"] for r in rows])
+    for name, (params, lines) in before.items():
+        assert (out / "tune" / name / "params.json").read_text() == params, name
+        assert (out / "tune" / name / "result.json").read_text().splitlines()[:len(lines)] == lines, name
     assert resumed["stopped_early"] >= 1  # ASHA cut at least one trial before its 3 epochs
     assert min(r["epochs"] for r in rows) < 3 and max(r["epochs"] for r in rows) == 3
     with open(out / "trials.csv") as handle:

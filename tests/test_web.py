@@ -68,14 +68,53 @@ def test_results_carry_properties_links_and_depictions(served):
     ("/search/text", {"text": QUERY, "filters": {"mw": [500, 100]}}, "above maximum"),
     ("/search/molecule", {"k": 3}, "exactly one of smiles or molfile"),
     ("/search/molecule", {"molfile": "garbage"}, "cannot read"),
+    ("/search/molecule", {"smiles": "C" * 301}, "301 heavy atoms; at most 300"),
+    ("/describe", {"smiles": "C" * 301}, "at most 300"),
+    ("/search/text", {"text": QUERY, "filters": {"smarts": "C" * 31}}, "31 atoms; at most 30"),
+    ("/search/text", {"text": QUERY, "filters": {"smarts": "[$(CO)][$(CN)][$(CS)]"}}, "at most 2"),
 ])
 def test_bad_filters_and_structures_get_422_with_the_reason(served, path, body, reason):
     client, _ = served
     answer = client.post(path, json=body)
     assert answer.status_code == 422 and reason in answer.text, answer.text
     assert client.get("/depict", params={"smiles": "C1CC"}).status_code == 422
+    too_big = client.get("/depict", params={"smiles": "C" * 301})
+    assert too_big.status_code == 422 and "at most 300" in too_big.text
     assert client.get("/export", params={"mode": "text", "q": QUERY, "format": "xlsx"}).status_code == 422
-    assert client.get("/static/../app.py").status_code == 404
+
+
+@pytest.mark.parametrize("path", ["/static/..%2Fapp.py", "/static/%2E%2E%2Fapp.py", "/static/..%252Fapp.py",
+                                  "/static/%2Fetc%2Fpasswd", "/static/..%2F..%2Fpyproject.toml"])
+def test_static_files_cannot_be_left_through_encoded_paths(served, path):
+    client, _ = served
+    answer = client.get(path)
+    assert answer.status_code == 404, (path, answer.text[:200])
+    assert "import" not in answer.text and "root:" not in answer.text and "[project]" not in answer.text
+    assert client.get("/static/app.js").status_code == 200  # the page's own files still come back
+
+
+def test_the_static_handler_serves_only_the_pages_own_files(tmp_path, monkeypatch):
+    """The handler itself, past any URL normalisation: a name that leaves the static folder (relative,
+    absolute, through a link) is refused even when the file it points at exists and has a web type."""
+    import sys
+
+    from fastapi import HTTPException
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    import serve.requests as app
+
+    static = tmp_path / "static"
+    static.mkdir()
+    (static / "index.html").write_text("<p>the page</p>")
+    outside = tmp_path / "secret.html"
+    outside.write_text("<p>not the page's</p>")
+    (static / "link.html").symlink_to(outside)
+    monkeypatch.setattr(app, "STATIC", static)
+    for name in (str(outside), "../secret.html", "../" * 40 + str(outside).lstrip("/"), "link.html", "../index.html"):
+        with pytest.raises(HTTPException) as refused:
+            app.static_file(name)
+        assert refused.value.status_code == 404, name
+    assert app.static_file("index.html").read_text() == "<p>the page</p>"
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,8 @@ process-group bookkeeping. Its state goes into the same checkpoint.
 
 Checkpoints: every epoch, the DeepSpeed engine state (all ranks), the critic, the history and a
 self-contained model directory (`model/`, rank 0) are reported to Ray Train. A failed worker
-restarts the group from the latest checkpoint (FailureConfig); running again with the same output
+restarts the group from the latest checkpoint (FailureConfig), random generators included, so the
+resumed run trains as the uninterrupted one would have; running again with the same output
 directory resumes a stopped run (Ray Train restores the run from its storage path).
 """
 
@@ -24,11 +25,14 @@ from __future__ import annotations
 import json
 import logging
 import os
+import random
 import shutil
+import signal
 import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -145,6 +149,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
             critic.load_state_dict(critic_state["critic"])
             critic_optimizer.load_state_dict(critic_state["optimizer"])
             start_epoch, history = client_state["epoch"] + 1, client_state["history"]
+            restore_random_state(Path(directory) / f"random_rank{rank}.pt")
         if rank == 0:
             log.info("resumed from the checkpoint of epoch %d", start_epoch - 1)
 
@@ -156,10 +161,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
         for step, batch in enumerate(loader):
             drill = crash_at == epoch and step == 1 and rank == world_size - 1
             if drill and not Path(loop_config["crash_marker"]).exists():
-                # Mid-epoch, as a real failure would strike: step 0's collectives have made every rank finish
-                # the previous epoch's report, so its checkpoint is registered before the controller sees this.
                 Path(loop_config["crash_marker"]).touch()
-                raise RuntimeError(f"fault drill: worker {rank} killed in epoch {epoch}, step {step}")
+                kill_this_worker(f"fault drill: SIGKILL to worker {rank} in epoch {epoch}, step {step}")
             outputs = {k: v.float() for k, v in engine(to_device(batch, engine.device)).items()}
             terms = criterion(outputs, critic, engine.module.logit_scale)
             engine_backward(engine, terms["loss"], world_size)
@@ -188,13 +191,53 @@ def train_loop_per_worker(loop_config: dict) -> None:
     dist.barrier()
 
 
+def random_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def restore_random_state(path: Path) -> None:
+    """This rank's generators as they were after the checkpoint's epoch: a resumed run then draws the
+    same token dropout and gradient-penalty mixes as one that never stopped, and ends with equal weights."""
+    if not path.exists():  # a checkpoint from before random states were saved: resume with fresh draws
+        return
+    state = torch.load(path, weights_only=False)
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def kill_this_worker(reason: str, timeout_s: float = 120.0) -> None:
+    """The fault drill (tests/test_ray_train.py): SIGKILL this worker's process mid-epoch, as a crash
+    would. Step 0's collectives made every rank finish the previous epoch's report; the controller
+    takes a worker's report when it next polls it (every 2 s), and a process killed with its report
+    still queued would take that checkpoint with it, so the drill waits until its report is taken."""
+    try:  # Ray Train's per-worker report queue (internal; without it, a few poll intervals)
+        from ray.train.v2._internal.execution.context import get_train_context
+
+        pending = get_train_context().get_result_queue()
+    except (ImportError, AttributeError, RuntimeError):
+        pending = None
+    deadline = time.time() + (timeout_s if pending is not None else 10.0)
+    while time.time() < deadline and (pending is None or not pending.empty()):
+        time.sleep(0.1)
+    log.warning(reason)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
 def report_checkpoint(engine, critic, critic_optimizer, epoch: int, history: list[dict], rank: int) -> None:
-    """Every rank writes its DeepSpeed shards; rank 0 adds the critic, the history and `model/`."""
+    """Every rank writes its DeepSpeed shards and its random generators; rank 0 adds the critic, the
+    history and `model/`."""
     import ray.train
     from ray.train import Checkpoint
 
     with tempfile.TemporaryDirectory() as directory:
         engine.save_checkpoint(directory, tag=STATE_TAG, client_state={"epoch": epoch, "history": history})
+        torch.save(random_state(), Path(directory) / f"random_rank{rank}.pt")
         if rank == 0:
             torch.save({"critic": critic.state_dict(), "optimizer": critic_optimizer.state_dict()},
                        Path(directory) / "critic.pt")

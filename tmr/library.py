@@ -60,6 +60,15 @@ def read_raw(path: str | Path, kind: str = "molecule", limit: int | None = None)
             PUBCHEM_COMPOUND if report.id_column == "cid" else None)
 
 
+def _node_id() -> str:
+    """The Ray node this process runs on (the host name outside Ray)."""
+    import platform
+
+    import ray
+
+    return ray.get_runtime_context().get_node_id() if ray.is_initialized() else platform.node()
+
+
 class ChunkEmbedder:
     """Ray Data callable class: one model per actor; a batch is one or more chunks of raw rows."""
 
@@ -70,12 +79,14 @@ class ChunkEmbedder:
 
         torch.set_num_threads(threads)
         self.model, self.kind = from_pretrained(model_dir), kind
+        self.node = _node_id()
 
     def __call__(self, batch: dict) -> dict:
-        out = {key: [] for key in ("chunk", "embeddings", "kept", *FIELDS, "skipped")}
+        out = {key: [] for key in ("chunk", "node", "embeddings", "kept", *FIELDS, "skipped")}
         for chunk, rows in zip(batch["chunk"], batch["rows"]):
             embedded = embed_chunk(self.model, json.loads(rows), self.kind)
             out["chunk"].append(chunk)
+            out["node"].append(self.node)
             for key, value in embedded.items():
                 out[key].append(value if key == "embeddings" else json.dumps(value))
         return out
@@ -157,13 +168,16 @@ def build_index(library: str | Path, model_dir: str | Path, out: str | Path, kin
     bar = tqdm(total=len(raw), initial=sum(len(chunks[i]) for i in done), unit="mol" if kind == "molecule" else "text",
                desc=f"indexing {Path(library).name}", disable=not progress, smoothing=0.1)
     embed_started = time.time()
-    for chunk, embeddings, record in _embed_chunks(chunks, todo, model_dir, kind, actors, threads, use_ray):
+    chunks_per_node: dict[str, int] = {}
+    for chunk, node, embeddings, record in _embed_chunks(chunks, todo, model_dir, kind, actors, threads, use_ray):
         _save_chunk(partial, chunk, embeddings, record)
+        chunks_per_node[node] = chunks_per_node.get(node, 0) + 1
         bar.update(len(chunks[chunk]))
     bar.close()
     embed_seconds = time.time() - embed_started
     figures = {"library": str(library), "limit": limit, "read_seconds": round(read_seconds, 2),
                "embed_seconds": round(embed_seconds, 2), "resumed_chunks": len(done), "actors": actors,
+               "chunks_per_node": chunks_per_node,
                "items_per_second": round(sum(len(chunks[i]) for i in todo) / max(embed_seconds, 1e-9), 1)}
     manifest = _assemble(partial, len(chunks), kind, out, model_dir, index_type, dtype, skipped_reading, id_url, figures,
                          queries, recall_target)
@@ -172,7 +186,7 @@ def build_index(library: str | Path, model_dir: str | Path, out: str | Path, kin
 
 
 def _embed_chunks(chunks: list, todo: list[int], model_dir, kind: str, actors: int, threads: int, use_ray: bool):
-    """(chunk number, embeddings, record) for each chunk in `todo`, as they finish."""
+    """(chunk number, node that embedded it, embeddings, record) for each chunk in `todo`, as they finish."""
     if not todo:
         return
     if not use_ray:
@@ -182,7 +196,11 @@ def _embed_chunks(chunks: list, todo: list[int], model_dir, kind: str, actors: i
         return
     import ray.data
 
-    ray.data.DataContext.get_current().enable_progress_bars = False  # the build's own bar counts molecules
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = False  # the build's own bar counts molecules
+    # start embedding once the whole actor pool is up: otherwise the first actor ready (a model load
+    # takes seconds) takes every chunk of a small build, and a large one starts on part of the cluster
+    context.wait_for_min_actors_s = 600
     items = [{"chunk": chunk, "rows": json.dumps(chunks[chunk])} for chunk in todo]
     dataset = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
         ChunkEmbedder, fn_constructor_args=(str(model_dir), kind, threads), batch_size=1,
@@ -192,10 +210,10 @@ def _embed_chunks(chunks: list, todo: list[int], model_dir, kind: str, actors: i
             yield _unpack(batch, i)
 
 
-def _unpack(batch: dict, i: int) -> tuple[int, np.ndarray, dict]:
+def _unpack(batch: dict, i: int) -> tuple[int, str, np.ndarray, dict]:
     embeddings = np.asarray(batch["embeddings"][i], dtype=np.float32)
     record = {key: json.loads(batch[key][i]) for key in ("kept", *FIELDS, "skipped")}
-    return int(batch["chunk"][i]), embeddings.reshape(len(record["kept"]), -1), record
+    return int(batch["chunk"][i]), str(batch["node"][i]), embeddings.reshape(len(record["kept"]), -1), record
 
 
 def _assemble(partial: Path, count: int, kind: str, out: Path, model_dir, index_type: str, dtype: str,

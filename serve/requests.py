@@ -1,0 +1,159 @@
+"""What a request may be: the request bodies and their limits, a query's molecule (SMILES or an
+uploaded .mol/.sdf, parsed or a 422 naming it), the page's URL as a query, the query-embedding
+cache and the page's static files. No Ray here: serve/app.py's deployments use these.
+"""
+
+from collections import OrderedDict
+from pathlib import Path
+
+import numpy as np
+from fastapi import HTTPException
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from tmr.chem import PROPERTIES, MoleculeFilter
+
+MAX_TEXT_CHARS = 4000
+MAX_K = 1000
+STATIC = Path(__file__).with_name("static")
+STATIC_TYPES = {".html": "text/html", ".js": "text/javascript", ".css": "text/css", ".svg": "image/svg+xml"}
+Bounds = tuple[float | None, float | None]
+
+
+class Filters(BaseModel):
+    """Property ranges [min, max] (inclusive, null = open), Lipinski pass/fail, a SMARTS substructure."""
+
+    model_config = ConfigDict(extra="forbid")
+    mw: Bounds | None = None
+    clogp: Bounds | None = None
+    hbd: Bounds | None = None
+    hba: Bounds | None = None
+    tpsa: Bounds | None = None
+    rotatable_bonds: Bounds | None = None
+    lipinski: bool | None = None
+    smarts: str | None = Field(None, max_length=1000)
+
+    def build(self) -> MoleculeFilter:
+        from tmr.chem import InvalidFilter
+
+        ranges = {key: value for key, value in self.model_dump(exclude={"lipinski", "smarts"}).items() if value}
+        try:
+            return MoleculeFilter(ranges, self.smarts or None, self.lipinski)
+        except InvalidFilter as error:
+            raise HTTPException(status_code=422, detail=str(error)) from error
+
+
+class TextQuery(BaseModel):
+    text: str = Field(..., description="a description of the molecules wanted")
+    k: int = Field(10, ge=1, le=MAX_K)
+    filters: Filters | None = None
+
+    @field_validator("text")
+    @classmethod
+    def _text(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("text is empty")
+        if len(value) > MAX_TEXT_CHARS:
+            raise ValueError(f"text is {len(value)} characters; at most {MAX_TEXT_CHARS}")
+        return value
+
+
+class MoleculeQuery(BaseModel):
+    smiles: str | None = Field(None, min_length=1, max_length=2000)
+    molfile: str | None = Field(None, description="a .mol or .sdf text (its first record) instead of SMILES")
+    k: int = Field(10, ge=1, le=MAX_K)
+    filters: Filters | None = None
+
+    @model_validator(mode="after")
+    def _one_structure(self):
+        if (self.smiles is None) == (self.molfile is None):
+            raise ValueError("give exactly one of smiles or molfile")
+        return self
+
+
+class EmbedRequest(BaseModel):
+    texts: list[str] = Field(default_factory=list, max_length=256)
+    smiles: list[str] = Field(default_factory=list, max_length=256)
+
+
+# max_ongoing_requests above the batch size, or requests wait in the router instead of in a batch
+def parse_or_422(smiles: str):
+    """Parsed molecule, or a 422 naming the SMILES (also for atoms the featuriser cannot encode, and
+    for a molecule over tmr.chem.MAX_ATOMS heavy atoms, naming the limit)."""
+    from tmr.chem import TooLarge, check_size
+    from tmr.data.featurize import InvalidMolecule, featurize, parse_smiles
+
+    try:
+        parsed = parse_smiles(smiles)
+        check_size(parsed.mol)
+        featurize(smiles)
+        return parsed
+    except (InvalidMolecule, TooLarge) as error:
+        raise HTTPException(status_code=422, detail=f"invalid SMILES {smiles[:200]!r}: {error}") from error
+
+
+def query_structure(query: MoleculeQuery):
+    """The query's molecule (from SMILES or an uploaded .mol/.sdf), parsed, or a 422."""
+    if query.molfile is None:
+        return parse_or_422(query.smiles)
+    from tmr.chem import molfile_to_smiles
+
+    try:
+        return parse_or_422(molfile_to_smiles(query.molfile))
+    except ValueError as error:
+        raise HTTPException(status_code=422, detail=str(error)) from error
+
+
+def query_from_params(params: dict) -> tuple[str, TextQuery | MoleculeQuery]:
+    """The page's URL (mode, q, k, mw_min, mw_max, ..., lipinski, smarts) as an API query, or a 422."""
+    mode = params.get("mode", "text")
+    if mode not in ("text", "molecule", "describe"):
+        raise HTTPException(status_code=422, detail=f"mode {mode!r}; use text, molecule or describe")
+    filters: dict = {}
+    for key in PROPERTIES:
+        low, high = params.get(f"{key}_min") or None, params.get(f"{key}_max") or None
+        if low is not None or high is not None:
+            filters[key] = (low, high)
+    if params.get("lipinski") in ("pass", "fail"):
+        filters["lipinski"] = params["lipinski"] == "pass"
+    if params.get("smarts"):
+        filters["smarts"] = params["smarts"]
+    body = {"k": params.get("k", 10), "filters": filters or None}
+    try:
+        if mode == "text":
+            return mode, TextQuery(text=params.get("q", ""), **body)
+        return mode, MoleculeQuery(smiles=params.get("q") or None, **body)
+    except ValidationError as error:
+        raise HTTPException(status_code=422, detail=error.errors(include_url=False, include_context=False)) from error
+
+
+class QueryCache:
+    """Query embeddings by query (text, or canonical SMILES), least recently used out first: a page asks
+    the same query again and again (paging, filters, export), and a repeat then skips the encoder hop."""
+
+    def __init__(self, size: int = 4096):
+        self.size, self.vectors, self.hits, self.misses = size, OrderedDict(), 0, 0
+
+    async def get(self, key: tuple[str, str], compute) -> np.ndarray:
+        vector = self.vectors.get(key)
+        if vector is not None:
+            self.hits += 1
+            self.vectors.move_to_end(key)
+            return vector
+        self.misses += 1
+        vector = await compute()
+        self.vectors[key] = vector
+        if len(self.vectors) > self.size:
+            self.vectors.popitem(last=False)
+        return vector
+
+    def stats(self) -> dict:
+        return {"size": len(self.vectors), "capacity": self.size, "hits": self.hits, "misses": self.misses}
+
+
+def static_file(name: str) -> Path:
+    """The page's file called `name`: only a file directly inside serve/static/ with a web type; anything
+    else (`../app.py`, an absolute path, a link out of the folder) is a 404."""
+    path = (STATIC / name).resolve()
+    if path.parent != STATIC.resolve() or path.suffix not in STATIC_TYPES or not path.is_file():
+        raise HTTPException(status_code=404, detail=f"no static file {name!r}")
+    return path

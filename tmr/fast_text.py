@@ -1,0 +1,123 @@
+"""The query-time text encoder on ONNX Runtime: the transformer backbone exported once per model, the
+rest of the text path (token projection, memory bank, head) left in torch.
+
+A served text query is one short batch through MiniLM; eager PyTorch spends most of that in
+per-operator overhead, which ONNX Runtime's fused CPU kernels avoid (fp32: the same maths, so the
+embeddings equal the torch path's to rounding; tests/test_fast_text.py holds them to cosine 0.9999
+on every ChEBI-20 validation description). The backbone is the only heavy part; exporting just it
+keeps the packed, segment-indexed memory-bank code in one implementation.
+
+    encoder = FastTextEncoder.load(model, model_dir, threads=1)   # exports on first use, then cached
+    vectors = encoder.encode(["an anti-inflammatory aryl propionic acid"])   # == model.encode_text(...)
+
+Without onnxruntime (or with TMR_TEXT_ENGINE=torch) `text_encoder_for` returns the torch path.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from tmr.atomic import atomic_file
+from tmr.index import model_fingerprint
+from tmr.model import TMRModel
+
+log = logging.getLogger("tmr.fast_text")
+OPSET = 17
+
+
+class _Backbone(torch.nn.Module):
+    """(input_ids, attention_mask) -> last hidden states, with positions and token types made here
+    from the input's shape, so the exported graph has no buffer sliced to the length it was traced at."""
+
+    def __init__(self, backbone: torch.nn.Module):
+        super().__init__()
+        self.backbone = backbone
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        positions = torch.arange(input_ids.shape[1], device=input_ids.device).unsqueeze(0).expand_as(input_ids)
+        return self.backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
+                             token_type_ids=torch.zeros_like(input_ids)).last_hidden_state
+
+
+def export_backbone(model: TMRModel, path: Path) -> Path:
+    """Write the model's text backbone as ONNX (dynamic batch and length), atomically."""
+    backbone = model.text_encoder.backbone
+    implementation = backbone.config._attn_implementation
+    backbone.set_attn_implementation("eager")  # the plain attention ops export exactly; SDPA's kernel choice does not
+    wrapper = _Backbone(backbone).eval()
+    tokens = model.tokenizer(["The molecule is a monocarboxylic acid.", "It is a conjugate base."], padding=True,
+                             return_tensors="pt")
+    try:
+        with torch.no_grad(), atomic_file(path) as partial:
+            torch.onnx.export(wrapper, (tokens["input_ids"], tokens["attention_mask"]), str(partial),
+                              input_names=["input_ids", "attention_mask"], output_names=["states"],
+                              dynamic_axes={name: {0: "batch", 1: "tokens"}
+                                            for name in ("input_ids", "attention_mask", "states")},
+                              opset_version=OPSET, dynamo=False)
+    finally:
+        backbone.set_attn_implementation(implementation)
+    return path
+
+
+def exported_path(model_dir: str | Path) -> Path:
+    """Beside the model (`<model_dir>/text_backbone.onnx`) when that folder is writable, else in tmr's
+    cache; keyed by the model's fingerprint either way, so a retrained model never reads a stale graph."""
+    from tmr.data.sources import CACHE
+
+    name = f"text_backbone.{model_fingerprint(model_dir)}.onnx"
+    directory = Path(model_dir)
+    return directory / name if os.access(directory, os.W_OK) else CACHE / "onnx" / name
+
+
+class FastTextEncoder:
+    """model.encode_text with the backbone on ONNX Runtime."""
+
+    def __init__(self, model: TMRModel, graph: Path, threads: int = 1):
+        import onnxruntime
+
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads, options.inter_op_num_threads = threads, 1  # explicit: one replica, its cores
+        self.session = onnxruntime.InferenceSession(str(graph), options, providers=["CPUExecutionProvider"])
+        self.model, self.graph = model.eval(), graph
+
+    @classmethod
+    def load(cls, model: TMRModel, model_dir: str | Path, threads: int = 1) -> "FastTextEncoder":
+        path = exported_path(model_dir)
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            log.info("exporting the text backbone to %s", path)
+            export_backbone(model, path)
+        return cls(model, path, threads)
+
+    @torch.no_grad()
+    def encode(self, texts: list[str], batch_size: int = 64) -> torch.Tensor:
+        """Texts -> (N, D) unit-norm embeddings, as TMRModel.encode_text."""
+        model = self.model
+        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+        out = []
+        for start in range(0, len(texts), batch_size):
+            batch = [texts[i] for i in order[start:start + batch_size]]
+            tokens = model.tokenizer(batch, padding=True, truncation=True, max_length=model.config.text.max_length,
+                                     return_tensors="np")
+            ids, mask = tokens["input_ids"].astype(np.int64), tokens["attention_mask"].astype(np.int64)
+            states = self.session.run(None, {"input_ids": ids, "attention_mask": mask})[0]
+            out.append(model.forward_text(None, torch.from_numpy(mask), torch.from_numpy(states))[0].float())
+        if not out:
+            return torch.empty(0, model.config.embed_dim)
+        return torch.cat(out)[torch.argsort(torch.tensor(order))]
+
+
+def text_encoder_for(model: TMRModel, model_dir: str | Path, threads: int = 1):
+    """(callable texts -> embeddings, engine name): ONNX Runtime when installed and not switched off
+    ($TMR_TEXT_ENGINE=torch), else the model's own torch path."""
+    if os.environ.get("TMR_TEXT_ENGINE", "onnx") != "torch":
+        try:
+            return FastTextEncoder.load(model, model_dir, threads).encode, "onnxruntime"
+        except ImportError as error:
+            log.warning("onnxruntime/onnx not installed (%s): text queries run on torch", error)
+    return model.encode_text, "torch"

@@ -94,22 +94,14 @@ class FastTextEncoder:
             export_backbone(model, path)
         return cls(model, path, threads)
 
-    @torch.no_grad()
+    def states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        feeds = {"input_ids": input_ids.numpy().astype(np.int64),
+                 "attention_mask": attention_mask.numpy().astype(np.int64)}
+        return torch.from_numpy(self.session.run(None, feeds)[0])
+
     def encode(self, texts: list[str], batch_size: int = 64) -> torch.Tensor:
-        """Texts -> (N, D) unit-norm embeddings, as TMRModel.encode_text."""
-        model = self.model
-        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
-        out = []
-        for start in range(0, len(texts), batch_size):
-            batch = [texts[i] for i in order[start:start + batch_size]]
-            tokens = model.tokenizer(batch, padding=True, truncation=True, max_length=model.config.text.max_length,
-                                     return_tensors="np")
-            ids, mask = tokens["input_ids"].astype(np.int64), tokens["attention_mask"].astype(np.int64)
-            states = self.session.run(None, {"input_ids": ids, "attention_mask": mask})[0]
-            out.append(model.forward_text(None, torch.from_numpy(mask), torch.from_numpy(states))[0].float())
-        if not out:
-            return torch.empty(0, model.config.embed_dim)
-        return torch.cat(out)[torch.argsort(torch.tensor(order))]
+        """Texts -> (N, D) unit-norm embeddings: TMRModel.encode_text with this engine's backbone states."""
+        return self.model.encode_text(texts, batch_size, backbone=self.states)
 
 
 def text_encoder_for(model: TMRModel, model_dir: str | Path, threads: int = 1):

@@ -314,8 +314,9 @@ class TMRModel(nn.Module):
         return next(self.parameters()).device
 
     @torch.no_grad()
-    def encode_text(self, texts: list[str], batch_size: int = 64) -> torch.Tensor:
-        """Texts -> (N, D) unit-norm embeddings (eval mode)."""
+    def encode_text(self, texts: list[str], batch_size: int = 64, backbone=None) -> torch.Tensor:
+        """Texts -> (N, D) unit-norm embeddings (eval mode). `backbone(input_ids, attention_mask)`, when
+        given, computes the transformer's states instead of the model's own (tmr.fast_text's engine)."""
         self.eval()
         order = sorted(range(len(texts)), key=lambda i: len(texts[i]))  # similar lengths together: less padding
         out = []
@@ -323,7 +324,9 @@ class TMRModel(nn.Module):
             batch = [texts[i] for i in order[start:start + batch_size]]
             tokens = self.tokenizer(batch, padding=True, truncation=True, max_length=self.config.text.max_length,
                                     return_tensors="pt").to(self.device)
-            out.append(self.forward_text(tokens["input_ids"], tokens["attention_mask"])[0].float().cpu())
+            ids, mask = tokens["input_ids"], tokens["attention_mask"]
+            states = backbone(ids, mask) if backbone is not None else None
+            out.append(self.forward_text(ids, mask, states)[0].float().cpu())
         if not out:
             return torch.empty(0, self.config.embed_dim)
         embeddings = torch.cat(out)

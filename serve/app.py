@@ -27,7 +27,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from pydantic import ValidationError
 from ray import serve
 
-from serve.requests import (STATIC, STATIC_TYPES, EmbedRequest, Filters, MoleculeQuery, QueryCache, TextQuery,
+from serve.requests import (STATIC, STATIC_TYPES, EmbedRequest, Filters, MoleculeQuery, QueryCache, TextQuery, Timings,
                             parse_or_422, query_from_params, query_structure, static_file)
 
 MAX_BODY_BYTES = 64 * 1024
@@ -104,7 +104,7 @@ class IndexShard:
 
     def search(self, query: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, list[dict]]:
         scores, rows = self.index.search(query[None, :], k)
-        return scores[0], rows[0], [self.index.record(r) for r in rows[0]]
+        return scores[0], rows[0], self.index.records(rows[0])
 
     def size(self) -> int:
         return len(self.index)
@@ -171,7 +171,8 @@ class Ingress:
         return [{"rank": i + 1, "score": float(score), **records[int(row)]}
                 for i, (score, row) in enumerate(zip(scores[0], rows[0]))]
 
-    async def _molecules(self, vector: np.ndarray, k: int, filters: Filters | None, query_smiles: str | None = None) -> dict:
+    async def _molecules(self, vector: np.ndarray, k: int, filters: Filters | None, timings: Timings,
+                         query_smiles: str | None = None) -> dict:
         """Top k molecules passing the filters (looking further down the ranking, up to
         MAX_LOOKED_AT, until k pass), each with its properties, link and depiction."""
         from tmr.chem import inchikey, properties, tanimoto
@@ -179,12 +180,16 @@ class Ingress:
         wanted = filters.build() if filters else None
         answer: dict = {}
         if wanted is None or not wanted.active:
-            results = await self._search(self.molecule_shards, vector, k)
+            with timings.stage("search"):
+                results = await self._search(self.molecule_shards, vector, k)
         else:
             total, looked_at = self.info_["molecules"]["count"], min(max(4 * k, 100), MAX_LOOKED_AT)
             while True:
-                candidates = await self._search(self.molecule_shards, vector, min(looked_at, total))
-                passed = await asyncio.to_thread(lambda: [c for c in candidates if wanted.accepts(c["smiles"])])
+                with timings.stage("search"):
+                    candidates = await self._search(self.molecule_shards, vector, min(looked_at, total))
+                with timings.stage("filter"):
+                    passed = await asyncio.to_thread(
+                        lambda: [c for c in candidates if wanted.accepts(c["smiles"], c.get("properties"))])
                 if len(passed) >= k or looked_at >= min(total, MAX_LOOKED_AT):
                     break
                 looked_at = min(looked_at * 4, MAX_LOOKED_AT)
@@ -194,40 +199,53 @@ class Ingress:
         def decorate(result: dict) -> dict:
             link = self.info_["molecules"].get("id_url")
             query = f"&query={quote(query_smiles, safe='')}" if query_smiles else ""
-            extra = {"inchikey": inchikey(result["smiles"]), "properties": properties(result["smiles"]),
+            # an index built by tmr.library holds both; an older one has them computed here
+            extra = {"inchikey": result.get("inchikey") or inchikey(result["smiles"]),
+                     "properties": result.get("properties") or properties(result["smiles"]),
                      "url": link.format(id=result["id"]) if link else None,
                      "depiction": f"depict?smiles={quote(result['smiles'], safe='')}{query}"}
             if query_smiles:
                 extra["tanimoto"] = tanimoto(query_smiles, result["smiles"])
             return {**result, **extra}
 
-        return {**answer, "results": await asyncio.to_thread(lambda: [decorate(r) for r in results])}
+        with timings.stage("decorate"):
+            return {**answer, "results": await asyncio.to_thread(lambda: [decorate(r) for r in results])}
 
-    async def _answer(self, mode: str, query) -> dict:
+    async def _answer(self, mode: str, query, timings: Timings | None = None) -> dict:
+        timings = timings or Timings()
         if mode == "text":
-            vector = await self.query_cache.get(("text", query.text), lambda: self._encode("text", query.text))
-            return {"query": query.text, **await self._molecules(vector, query.k, query.filters)}
-        parsed = query_structure(query)
+            with timings.stage("encode"):
+                vector = await self.query_cache.get(("text", query.text), lambda: self._encode("text", query.text))
+            return {"query": query.text, **await self._molecules(vector, query.k, query.filters, timings)}
+        with timings.stage("parse"):
+            parsed = query_structure(query)
         if mode == "describe" and not self.text_shards:
             raise HTTPException(status_code=404, detail="no text corpus is deployed")
         smiles = parsed.canonical_smiles
-        vector = await self.query_cache.get(("molecule", smiles), lambda: self._encode("molecule", smiles))
+        with timings.stage("encode"):
+            vector = await self.query_cache.get(("molecule", smiles), lambda: self._encode("molecule", smiles))
         if mode == "describe":
-            return {"query": parsed.canonical_smiles, "results": await self._search(self.text_shards, vector, query.k)}
-        return {"query": parsed.canonical_smiles,
-                **await self._molecules(vector, query.k, query.filters, parsed.canonical_smiles)}
+            with timings.stage("search"):
+                return {"query": smiles, "results": await self._search(self.text_shards, vector, query.k)}
+        return {"query": smiles, **await self._molecules(vector, query.k, query.filters, timings, smiles)}
+
+    async def _timed(self, mode: str, query, response: Response) -> dict:
+        timings = Timings()
+        answer = await self._answer(mode, query, timings)
+        response.headers["Server-Timing"] = timings.header()
+        return answer
 
     @api.post("/search/text")
-    async def search_text(self, query: TextQuery) -> dict:
-        return await self._answer("text", query)
+    async def search_text(self, query: TextQuery, response: Response) -> dict:
+        return await self._timed("text", query, response)
 
     @api.post("/search/molecule")
-    async def search_molecule(self, query: MoleculeQuery) -> dict:
-        return await self._answer("molecule", query)
+    async def search_molecule(self, query: MoleculeQuery, response: Response) -> dict:
+        return await self._timed("molecule", query, response)
 
     @api.post("/describe")
-    async def describe(self, query: MoleculeQuery) -> dict:
-        return await self._answer("describe", query)
+    async def describe(self, query: MoleculeQuery, response: Response) -> dict:
+        return await self._timed("describe", query, response)
 
     @api.get("/export")
     async def export(self, request: Request, format: str = "csv") -> Response:

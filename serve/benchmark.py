@@ -4,7 +4,8 @@ sentences and ChEBI-20 validation descriptions, every measured query distinct (n
 the query cache; repeats are measured apart). In the same run: the same queries through the bare
 library in one process with the replica's text engine (the Serve overhead as a ratio), the
 encoder's own batched throughput (the ceiling c=32 is a share of), the first query after deploy,
-and a fuzz run.
+where a request's time goes (the p50 of each stage the ingress reports in its Server-Timing header:
+encode, search, decorate, and what lies outside its handler) and a fuzz run.
 
     python serve/benchmark.py --model runs/cpu/best --library chebi20=runs/index/molecules \
         --library moses_1m=runs/index/moses_1m --out results/benchmark_serve.json
@@ -69,8 +70,20 @@ def percentile(values: list[float], q: float) -> float:
     return float(np.percentile(values, q)) if values else float("nan")
 
 
+def server_timing(header: str) -> dict[str, float]:
+    """`encode;dur=12.10, search;dur=1.52, ...` -> {stage: ms} (serve.requests.Timings)."""
+    stages = {}
+    for part in filter(None, (p.strip() for p in header.split(","))):
+        name, _, duration = part.partition(";dur=")
+        stages[name] = float(duration)
+    return stages
+
+
 async def load(client: httpx.AsyncClient, path: str, bodies: list[dict], concurrency: int) -> dict:
-    latencies, statuses, queue = [], [], list(bodies)
+    """Latency and QPS of `bodies` at `concurrency`, and where the time went: the p50 of each stage the
+    ingress reports (Server-Timing) and of what lies outside its handler (HTTP, Serve's proxy and
+    router, request parsing, JSON)."""
+    latencies, statuses, stages, queue = [], [], [], list(bodies)
 
     async def worker():
         while queue:
@@ -79,13 +92,18 @@ async def load(client: httpx.AsyncClient, path: str, bodies: list[dict], concurr
             response = await client.post(path, json=body)
             latencies.append(time.perf_counter() - started)
             statuses.append(response.status_code)
+            timing = server_timing(response.headers.get("server-timing", ""))
+            if "handler" in timing:
+                stages.append({**timing, "outside_handler": 1000 * latencies[-1] - timing["handler"]})
 
     started = time.perf_counter()
     await asyncio.gather(*[worker() for _ in range(concurrency)])
     wall = time.perf_counter() - started
+    names = list(dict.fromkeys(name for timing in stages for name in timing))
     return {"concurrency": concurrency, "requests": len(bodies), "qps": len(bodies) / wall,
             "p50_ms": 1000 * percentile(latencies, 50), "p99_ms": 1000 * percentile(latencies, 99),
-            "non_200": sum(s != 200 for s in statuses)}
+            "non_200": sum(s != 200 for s in statuses),
+            "stages_p50_ms": {name: percentile([t.get(name, 0.0) for t in stages], 50) for name in names}}
 
 
 def bare_library(model_dir: str, index_dir: str, queries: list[str], k: int = 10, threads: int = 1) -> dict:
@@ -105,7 +123,7 @@ def bare_library(model_dir: str, index_dir: str, queries: list[str], k: int = 10
     for text in queries:
         started = time.perf_counter()
         scores, rows = index.search(encode([text]).numpy(), k)
-        [index.record(r) for r in rows[0]]
+        index.records(rows[0])
         latencies.append(time.perf_counter() - started)
     # the encoder's own ceiling: batches of 32 (the served batch size), texts per second
     started = time.perf_counter()
@@ -115,6 +133,41 @@ def bare_library(model_dir: str, index_dir: str, queries: list[str], k: int = 10
     return {"requests": len(queries), "engine": engine, "threads": threads, "p50_ms": 1000 * percentile(latencies, 50),
             "p99_ms": 1000 * percentile(latencies, 99), "qps": len(queries) / sum(latencies),
             "encoder_batched_texts_per_s": ceiling}
+
+
+def decoration_cost(index_dir: str, count: int = 2000) -> dict:
+    """Per molecule, one core: what an index build now adds (InChIKey + properties, tmr.chem) beside
+    what it already did (parse + featurise), and what a served result cost when they were computed
+    per request (the same, parsing its SMILES again, on a cold cache) against reading them stored."""
+    import pyarrow.parquet as pq
+    from rdkit import Chem
+
+    from tmr.chem import inchikey_of, properties_of
+    from tmr.data.featurize import graph_batch, parse_smiles
+    from tmr.index import RetrievalIndex
+
+    smiles = pq.read_table(Path(index_dir) / "metadata.parquet", columns=["smiles"]).column("smiles").to_pylist()[:count]
+    started = time.perf_counter()
+    parsed = [parse_smiles(s).mol for s in smiles]
+    graph_batch(parsed)
+    featurise = time.perf_counter() - started
+    started = time.perf_counter()
+    for mol in parsed:
+        inchikey_of(mol), properties_of(mol)
+    decorate = time.perf_counter() - started
+    started = time.perf_counter()
+    for s in smiles:
+        mol = Chem.MolFromSmiles(s)
+        inchikey_of(mol), properties_of(mol)
+    per_request = time.perf_counter() - started
+    index = RetrievalIndex(index_dir)
+    started = time.perf_counter()
+    for start in range(0, len(smiles), 10):
+        index.records(np.arange(start, min(start + 10, len(smiles))))
+    stored = time.perf_counter() - started
+    per = 1000 / len(smiles)
+    return {"molecules": len(smiles), "parse_and_featurise_ms": featurise * per, "build_decoration_ms": decorate * per,
+            "served_computed_ms_per_result": per_request * per, "served_stored_ms_per_result": stored * per}
 
 
 # At the caps (tmr.chem): the costliest requests the API still accepts. A chain of small rings is
@@ -253,6 +306,7 @@ def main() -> None:
                             "serve_overhead_p50_ratio_c1": runs[1]["p50_ms"] / bare["p50_ms"],
                             "c32_qps_share_of_encoder_ceiling": runs[32]["qps"] / bare["encoder_batched_texts_per_s"]}
         result["worst_allowed_requests_ms"] = asyncio.run(worst_requests(port))
+        result["decoration_cost"] = decoration_cost(library["path"])
         report["libraries"][name] = result
         print(name, json.dumps(result, indent=2), flush=True)
         if name == next(iter(libraries)):

@@ -1,9 +1,13 @@
 """What a request may be: the request bodies and their limits, a query's molecule (SMILES or an
 uploaded .mol/.sdf, parsed or a 422 naming it), the page's URL as a query, the query-embedding
-cache and the page's static files. No Ray here: serve/app.py's deployments use these.
+cache, a request's Server-Timing and the page's static files. No Ray here: serve/app.py's
+deployments use these.
 """
 
+import asyncio
+import time
 from collections import OrderedDict
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -131,7 +135,8 @@ class QueryCache:
     the same query again and again (paging, filters, export), and a repeat then skips the encoder hop."""
 
     def __init__(self, size: int = 4096):
-        self.size, self.vectors, self.hits, self.misses = size, OrderedDict(), 0, 0
+        self.size, self.vectors, self.hits, self.misses, self.joined = size, OrderedDict(), 0, 0, 0
+        self.pending: dict[tuple[str, str], asyncio.Future] = {}  # misses being encoded now
 
     async def get(self, key: tuple[str, str], compute) -> np.ndarray:
         vector = self.vectors.get(key)
@@ -139,15 +144,46 @@ class QueryCache:
             self.hits += 1
             self.vectors.move_to_end(key)
             return vector
+        if key in self.pending:  # the same query arrived while its first copy is encoded: wait for that one
+            self.joined += 1
+            return await asyncio.shield(self.pending[key])
         self.misses += 1
-        vector = await compute()
-        self.vectors[key] = vector
+        task = self.pending[key] = asyncio.ensure_future(compute())
+        task.add_done_callback(lambda done: self._finished(key, done))
+        # shielded: a client that hangs up does not cancel the encoding others may be waiting for
+        return await asyncio.shield(task)
+
+    def _finished(self, key: tuple[str, str], task: asyncio.Future) -> None:
+        self.pending.pop(key, None)
+        if task.cancelled() or task.exception() is not None:
+            return  # not cached: the next request tries again
+        self.vectors[key] = task.result()
         if len(self.vectors) > self.size:
             self.vectors.popitem(last=False)
-        return vector
 
     def stats(self) -> dict:
-        return {"size": len(self.vectors), "capacity": self.size, "hits": self.hits, "misses": self.misses}
+        return {"size": len(self.vectors), "capacity": self.size, "hits": self.hits, "misses": self.misses,
+                "joined": self.joined}
+
+
+class Timings:
+    """Where one request's time went, as an HTTP Server-Timing header (read by browsers' developer
+    tools and by serve/benchmark.py): each stage's milliseconds, and the handler's total."""
+
+    def __init__(self):
+        self.started, self.stages = time.perf_counter(), {}
+
+    @contextmanager
+    def stage(self, name: str):
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.stages[name] = self.stages.get(name, 0.0) + 1000 * (time.perf_counter() - started)
+
+    def header(self) -> str:
+        total = 1000 * (time.perf_counter() - self.started)
+        return ", ".join(f"{name};dur={ms:.2f}" for name, ms in {**self.stages, "handler": total}.items())
 
 
 def static_file(name: str) -> Path:

@@ -117,3 +117,21 @@ def test_approximate_index_is_tuned_to_the_recall_target_on_held_out_queries(mos
         assert recall_at_10(index.index, queries["held_out_molecules"], exact_top_k(queries["held_out_molecules"], embeddings[index.rows])) >= 0.9
     assert recall_at_10(RetrievalIndex(tmp_path / index_type).index, queries["held_out_molecules"], exact) >= 0.97
 
+
+
+def test_an_index_stores_what_a_served_result_shows_for_each_molecule(moses_slice, tiny_model, tmp_path):
+    """InChIKey and properties are computed once at build, and equal to tmr.chem's for every row,
+    in the whole index and in each shard of it."""
+    from tmr.chem import inchikey, properties
+    from tmr.index import RetrievalIndex
+
+    build_index(moses_slice, tiny_model, tmp_path / "index", limit=300, chunk_size=100, use_ray=False, progress=False)
+    rows = pq.read_table(tmp_path / "index/metadata.parquet").to_pylist()
+    assert len(rows) == 300
+    for row in rows:
+        assert row["inchikey"] == inchikey(row["smiles"]) and len(row["inchikey"]) == 27
+        assert row["properties"] == properties(row["smiles"])
+    for shard in range(2):
+        index = RetrievalIndex(tmp_path / "index", shard, 2)
+        assert index.records(index.rows[::-7]) == [rows[r] for r in index.rows[::-7]]
+    assert RetrievalIndex(tmp_path / "index").record(123) == rows[123]

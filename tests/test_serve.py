@@ -29,6 +29,10 @@ def test_text_search_equals_the_library(served):
     assert [r["rank"] for r in results] == list(range(1, 11))
     assert {"score", "smiles", "inchikey", "name"} <= set(results[0])
     assert results[0]["score"] == pytest.approx(float(embeddings[expected[0]] @ model.encode_text([QUERY])[0].numpy()), abs=1e-4)
+    # where the time went, per stage (Server-Timing): every stage a text search takes, within the handler's total
+    stages = {part.split(";dur=")[0].strip(): float(part.split(";dur=")[1]) for part in response.headers["server-timing"].split(",")}
+    assert set(stages) == {"encode", "search", "decorate", "handler"}
+    assert all(0 < ms for ms in stages.values()) and stages["encode"] + stages["search"] + stages["decorate"] <= stages["handler"]
 
 
 def test_molecule_search_and_describe_equal_the_library(served):
@@ -108,3 +112,34 @@ def test_a_repeated_query_is_answered_from_the_query_cache_with_the_same_answer(
     hits = client.get("/info").json()["query_cache"]["hits"]
     client.post("/search/molecule", json={"smiles": "OC(=O)CCC", "k": 3})
     assert client.get("/info").json()["query_cache"]["hits"] == hits + 1
+
+
+def test_concurrent_misses_of_one_query_are_encoded_once():
+    """A page fires the same query twice at once (a double click, a search and its export): one
+    encoding, both answered with it; a failed encoding is not cached."""
+    import asyncio
+
+    from serve.requests import QueryCache
+
+    calls = []
+
+    async def encode():
+        calls.append(1)
+        await asyncio.sleep(0.05)
+        return np.ones(3)
+
+    async def fail():
+        raise RuntimeError("encoder down")
+
+    async def scenario():
+        cache = QueryCache()
+        first, second = await asyncio.gather(cache.get(("text", "q"), encode), cache.get(("text", "q"), encode))
+        assert len(calls) == 1 and first is second
+        assert cache.stats() == {"size": 1, "capacity": 4096, "hits": 0, "misses": 1, "joined": 1}
+        with pytest.raises(RuntimeError):
+            await cache.get(("text", "bad"), fail)
+        assert await cache.get(("text", "bad"), encode) is not None and len(calls) == 2
+        await cache.get(("text", "q"), encode)
+        assert cache.stats()["hits"] == 1 and len(calls) == 2
+
+    asyncio.run(scenario())

@@ -59,23 +59,32 @@ def molecule(smiles: str) -> Chem.Mol | None:
     return Chem.MolFromSmiles(smiles)
 
 
-@lru_cache(maxsize=200_000)
-def properties(smiles: str) -> dict:
-    """MW, cLogP, HBD, HBA, TPSA, rotatable bonds, Lipinski violations and pass/fail; {} if unparsable."""
-    mol = molecule(smiles)
-    if mol is None:
-        return {}
+def properties_of(mol: Chem.Mol) -> dict:
+    """MW, cLogP, HBD, HBA, TPSA, rotatable bonds, Lipinski violations and pass/fail of a parsed molecule."""
     values = {key: round(float(function(mol)), 3) if key in ("mw", "clogp", "tpsa") else int(function(mol))
               for key, (_, function) in PROPERTIES.items()}
     violations = sum(values[key] > limit for key, limit in LIPINSKI_LIMITS.items())
     return {**values, "lipinski_violations": violations, "lipinski": violations <= 1}
 
 
+def inchikey_of(mol: Chem.Mol) -> str:
+    return Chem.MolToInchiKey(mol) or ""
+
+
+# An index built by tmr.library stores both for each of its molecules (computed once, at build);
+# these cached forms serve indexes built without them and molecules that are not in an index.
+@lru_cache(maxsize=200_000)
+def properties(smiles: str) -> dict:
+    """`properties_of` by SMILES; {} if unparsable."""
+    mol = molecule(smiles)
+    return properties_of(mol) if mol is not None else {}
+
+
 @lru_cache(maxsize=200_000)
 def inchikey(smiles: str) -> str:
-    """The InChIKey of a result ("" if RDKit cannot make one): computed when served, not when indexed."""
+    """The InChIKey of a SMILES ("" if RDKit cannot make one)."""
     mol = molecule(smiles)
-    return (Chem.MolToInchiKey(mol) or "") if mol is not None else ""
+    return inchikey_of(mol) if mol is not None else ""
 
 
 def tanimoto(query_smiles: str, smiles: str) -> float | None:
@@ -117,8 +126,9 @@ class MoleculeFilter:
         return bool(self.pattern is not None or self.lipinski is not None
                     or any(low is not None or high is not None for low, high in self.ranges.values()))
 
-    def accepts(self, smiles: str) -> bool:
-        values = properties(smiles)
+    def accepts(self, smiles: str, values: dict | None = None) -> bool:
+        """Whether a molecule passes; `values`: its properties when already known (an index stores them)."""
+        values = values or properties(smiles)
         if not values:
             return False
         for key, (low, high) in self.ranges.items():

@@ -2,7 +2,8 @@
 
 An index directory holds
     embeddings.npy     (N, D) float32 or float16, unit norm, row i = metadata row i
-    metadata.parquet   id, smiles (canonical), name, text (results get their InChIKey when served)
+    metadata.parquet   id, smiles (canonical), name, text; for molecules also inchikey and properties
+                       (tmr.chem's, computed once at build so that a served result is read, not computed)
     index.faiss        the approximate index (HNSW, IVF-flat or IVF-PQ); an exact index searches
                        embeddings.npy directly (numpy / torch beat faiss' flat index here)
     manifest.json      kind, model fingerprint, count, dim, index type, its search parameter chosen
@@ -43,6 +44,8 @@ class LibraryRows:
     texts: list[str]
     skipped: list[tuple[str, str]]
     id_url: str | None = None  # a link per id ("{id}" filled in): PubChem when the ids are CIDs
+    inchikeys: list[str] | None = None  # molecules: one per row (tmr.chem.inchikey_of)
+    properties: list[dict] | None = None  # molecules: one per row (tmr.chem.properties_of)
 
 
 PUBCHEM_COMPOUND = "https://pubchem.ncbi.nlm.nih.gov/compound/{id}"
@@ -168,8 +171,10 @@ def write_index(out: str | Path, embeddings: np.ndarray, rows: LibraryRows, kind
     manifest["index_build_seconds"] = round(time.time() - started, 2)
     with atomic_directory(out) as staging:
         np.save(staging / "embeddings.npy", embeddings.astype(dtype))
-        pq.write_table(pa.table({"id": rows.ids, "smiles": rows.smiles, "name": rows.names,
-                                 "text": rows.texts}), staging / "metadata.parquet")
+        columns = {"id": rows.ids, "smiles": rows.smiles, "name": rows.names, "text": rows.texts}
+        if rows.inchikeys is not None:
+            columns |= {"inchikey": rows.inchikeys, "properties": rows.properties}
+        pq.write_table(pa.table(columns), staging / "metadata.parquet")
         if index is not None:
             faiss.write_index(index, str(staging / "index.faiss"))
         (staging / "skipped.json").write_text(json.dumps(rows.skipped))
@@ -186,7 +191,7 @@ class RetrievalIndex:
 
         directory = Path(directory)
         self.manifest = json.loads((directory / "manifest.json").read_text())
-        metadata = pq.read_table(directory / "metadata.parquet").to_pydict()
+        metadata = pq.read_table(directory / "metadata.parquet")
         embeddings = np.load(directory / "embeddings.npy", allow_pickle=False).astype(np.float32, copy=False)
         if not 0 <= shard < num_shards:
             raise ValueError(f"shard {shard} of {num_shards}")
@@ -199,7 +204,8 @@ class RetrievalIndex:
             set_search_params(self.index, self.manifest["index"], self.manifest.get("search_params", {}))
         else:
             self.index = build_faiss(embeddings[self.rows], self.manifest["index"], self.manifest.get("search_params"))
-        self.metadata = {k: [v[i] for i in self.rows] for k, v in metadata.items()}
+        # kept columnar (Arrow): a million rows as Python dicts would cost GBs; a result reads its k rows
+        self.metadata = metadata if num_shards == 1 else metadata.take(self.rows)
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -214,9 +220,13 @@ class RetrievalIndex:
             scores, local = exact_search(self.vectors, queries, k)
         return scores, self.rows[local]
 
+    def records(self, global_rows) -> list[dict]:
+        """The metadata rows of these global row numbers, in their order."""
+        positions = np.searchsorted(self.rows, np.asarray(global_rows, dtype=np.int64))
+        return self.metadata.take(positions).to_pylist()
+
     def record(self, global_row: int) -> dict:
-        position = int(np.searchsorted(self.rows, global_row))
-        return {key: values[position] for key, values in self.metadata.items()}
+        return self.records([global_row])[0]
 
 
 def merge_top_k(results: list[tuple[np.ndarray, np.ndarray]], k: int) -> tuple[np.ndarray, np.ndarray]:

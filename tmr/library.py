@@ -10,8 +10,9 @@ same arguments skips the chunks already written; at the end, duplicates (same ca
 first row wins) are dropped across chunks in row order, so a resumed build writes the same index as an
 uninterrupted one (bit for bit with the same chunk size and threads; others change float rounding
 only), and the partial directory is removed.
-Duplicates are found by canonical SMILES (computed anyway): an InChIKey costs more than
-featurising a molecule, so the served results compute theirs (`tmr.chem.inchikey`) instead.
+Duplicates are found by canonical SMILES (computed anyway). Each molecule's InChIKey and properties
+(tmr.chem) are computed here too, by the actors, and stored in the index: about as much work again
+as featurising it, done once, instead of on every served result (docs/serving.md, measured).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from tmr.index import PUBCHEM_COMPOUND, LibraryRows, model_fingerprint, write_in
 
 log = logging.getLogger("tmr.library")
 FIELDS = ("ids", "smiles", "names", "texts")
+DECORATIONS = ("inchikeys", "properties")  # molecules only: what a served result shows beside its row
 EMBED_BATCH = 1024  # molecules per forward pass: the more, the more atom environments repeat (tmr/encoders.py)
 
 
@@ -82,7 +84,7 @@ class ChunkEmbedder:
         self.node = _node_id()
 
     def __call__(self, batch: dict) -> dict:
-        out = {key: [] for key in ("chunk", "node", "embeddings", "kept", *FIELDS, "skipped")}
+        out = {key: [] for key in ("chunk", "node", "embeddings", "kept", *FIELDS, *DECORATIONS, "skipped")}
         for chunk, rows in zip(batch["chunk"], batch["rows"]):
             embedded = embed_chunk(self.model, json.loads(rows), self.kind)
             out["chunk"].append(chunk)
@@ -96,7 +98,9 @@ def embed_chunk(model, rows: list[list], kind: str, batch_size: int = EMBED_BATC
     """Parse, canonicalise, featurise (molecules only: a text corpus embeds its texts) and embed one
     chunk; unparsable rows are skipped with their reason. Returns the embeddings and, per kept
     row, its position in the chunk. Molecules are featurised straight into one PyG Batch per
-    `batch_size` (`graph_batch`): the per-molecule graphs were most of a build's time."""
+    `batch_size` (`graph_batch`): the per-molecule graphs were most of a build's time. Each kept
+    molecule also gets its InChIKey and properties (empty lists for a text corpus)."""
+    from tmr.chem import inchikey_of, properties_of
     from tmr.data.featurize import InvalidMolecule, graph_batch, parse_smiles
 
     parsed, skipped = [], []
@@ -120,7 +124,9 @@ def embed_chunk(model, rows: list[list], kind: str, batch_size: int = EMBED_BATC
         vectors = [model.encode_text([rows[position][3] for position, _ in kept]).numpy()] if kept else []
     embeddings = np.concatenate(vectors) if vectors else np.zeros((0, model.config.embed_dim), np.float32)
     fields = {"ids": [rows[p][0] for p, _ in kept], "smiles": [m.canonical_smiles for _, m in kept],
-              "names": [rows[p][2] for p, _ in kept], "texts": [rows[p][3] for p, _ in kept]}
+              "names": [rows[p][2] for p, _ in kept], "texts": [rows[p][3] for p, _ in kept],
+              "inchikeys": [inchikey_of(m.mol) for _, m in kept] if kind == "molecule" else [],
+              "properties": [properties_of(m.mol) for _, m in kept] if kind == "molecule" else []}
     skipped = [(rows[position][0], reason) for position, reason in sorted(skipped)]
     return {"embeddings": embeddings.astype(np.float32), "kept": [p for p, _ in kept], **fields, "skipped": skipped}
 
@@ -153,7 +159,8 @@ def build_index(library: str | Path, model_dir: str | Path, out: str | Path, kin
     partial = out.with_name(out.name + ".partial")
     plan = {"library": str(Path(library).resolve()), "size": Path(library).stat().st_size, "kind": kind,
             "limit": limit, "chunk_size": chunk_size, "rows": len(raw), "model": model_fingerprint(model_dir),
-            "batch_size": EMBED_BATCH}  # embeddings differ by float rounding with the batch: one build, one size
+            "batch_size": EMBED_BATCH,  # embeddings differ by float rounding with the batch: one build, one size
+            "decorations": list(DECORATIONS)}
     plan_file = partial / "build.json"
     if partial.exists() and (not plan_file.exists() or json.loads(plan_file.read_text()) != plan):
         log.warning("%s holds a different build; starting over", partial)
@@ -212,7 +219,7 @@ def _embed_chunks(chunks: list, todo: list[int], model_dir, kind: str, actors: i
 
 def _unpack(batch: dict, i: int) -> tuple[int, str, np.ndarray, dict]:
     embeddings = np.asarray(batch["embeddings"][i], dtype=np.float32)
-    record = {key: json.loads(batch[key][i]) for key in ("kept", *FIELDS, "skipped")}
+    record = {key: json.loads(batch[key][i]) for key in ("kept", *FIELDS, *DECORATIONS, "skipped")}
     return int(batch["chunk"][i]), str(batch["node"][i]), embeddings.reshape(len(record["kept"]), -1), record
 
 
@@ -220,6 +227,9 @@ def _assemble(partial: Path, count: int, kind: str, out: Path, model_dir, index_
               skipped: list, id_url: str | None, figures: dict, queries: dict | None, recall_target: float) -> dict:
     """Concatenate the chunks in row order, drop duplicate molecules (first row wins), write the index."""
     rows = LibraryRows([], [], [], [], list(skipped), id_url)
+    fields = FIELDS
+    if kind == "molecule":
+        rows.inchikeys, rows.properties, fields = [], [], FIELDS + DECORATIONS
     vectors, seen = [], {}
     for chunk in range(count):
         embeddings, record = _load_chunk(partial / f"chunk_{chunk:06d}.npz")
@@ -231,7 +241,7 @@ def _assemble(partial: Path, count: int, kind: str, out: Path, model_dir, index_
                 continue
             seen.setdefault(smiles, identifier)
             keep.append(j)
-            for key in FIELDS:
+            for key in fields:
                 getattr(rows, key).append(record[key][j])
         vectors.append(embeddings[keep])
     embeddings = np.concatenate(vectors) if vectors else np.zeros((0, 1), np.float32)

@@ -31,6 +31,7 @@ import httpx
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from serve.requests import Timings  # noqa: E402
 
 # Short user-style queries: what a chemist types into the page (distinct: a repeat would hit the query cache)
 SUBJECTS = ["an aryl propionic acid", "a beta-lactam antibiotic", "a steroid hormone", "a flavonoid",
@@ -70,15 +71,6 @@ def percentile(values: list[float], q: float) -> float:
     return float(np.percentile(values, q)) if values else float("nan")
 
 
-def server_timing(header: str) -> dict[str, float]:
-    """`encode;dur=12.10, search;dur=1.52, ...` -> {stage: ms} (serve.requests.Timings)."""
-    stages = {}
-    for part in filter(None, (p.strip() for p in header.split(","))):
-        name, _, duration = part.partition(";dur=")
-        stages[name] = float(duration)
-    return stages
-
-
 async def load(client: httpx.AsyncClient, path: str, bodies: list[dict], concurrency: int) -> dict:
     """Latency and QPS of `bodies` at `concurrency`, and where the time went: the p50 of each stage the
     ingress reports (Server-Timing) and of what lies outside its handler (HTTP, Serve's proxy and
@@ -92,7 +84,7 @@ async def load(client: httpx.AsyncClient, path: str, bodies: list[dict], concurr
             response = await client.post(path, json=body)
             latencies.append(time.perf_counter() - started)
             statuses.append(response.status_code)
-            timing = server_timing(response.headers.get("server-timing", ""))
+            timing = Timings.parse(response.headers.get("server-timing", ""))
             if "handler" in timing:
                 stages.append({**timing, "outside_handler": 1000 * latencies[-1] - timing["handler"]})
 

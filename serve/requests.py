@@ -185,6 +185,15 @@ class Timings:
         total = 1000 * (time.perf_counter() - self.started)
         return ", ".join(f"{name};dur={ms:.2f}" for name, ms in {**self.stages, "handler": total}.items())
 
+    @staticmethod
+    def parse(header: str) -> dict[str, float]:
+        """`encode;dur=12.10, search;dur=1.52, ...` (a `header()`) -> {stage: ms}."""
+        stages = {}
+        for part in filter(None, (p.strip() for p in header.split(","))):
+            name, _, duration = part.partition(";dur=")
+            stages[name] = float(duration)
+        return stages
+
 
 def static_file(name: str) -> Path:
     """The page's file called `name`: only a file directly inside serve/static/ with a web type; anything

@@ -118,7 +118,6 @@ def test_approximate_index_is_tuned_to_the_recall_target_on_held_out_queries(mos
     assert recall_at_10(RetrievalIndex(tmp_path / index_type).index, queries["held_out_molecules"], exact) >= 0.97
 
 
-
 def test_an_index_stores_what_a_served_result_shows_for_each_molecule(moses_slice, tiny_model, tmp_path):
     """InChIKey and properties are computed once at build, and equal to tmr.chem's for every row,
     in the whole index and in each shard of it."""

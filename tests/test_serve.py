@@ -30,7 +30,9 @@ def test_text_search_equals_the_library(served):
     assert {"score", "smiles", "inchikey", "name"} <= set(results[0])
     assert results[0]["score"] == pytest.approx(float(embeddings[expected[0]] @ model.encode_text([QUERY])[0].numpy()), abs=1e-4)
     # where the time went, per stage (Server-Timing): every stage a text search takes, within the handler's total
-    stages = {part.split(";dur=")[0].strip(): float(part.split(";dur=")[1]) for part in response.headers["server-timing"].split(",")}
+    from serve.requests import Timings
+
+    stages = Timings.parse(response.headers["server-timing"])
     assert set(stages) == {"encode", "search", "decorate", "handler"}
     assert all(0 < ms for ms in stages.values()) and stages["encode"] + stages["search"] + stages["decorate"] <= stages["handler"]
 

@@ -4,8 +4,16 @@
     MoleculeShard x N (faiss over 1/N of a library) ├─ Ingress (FastAPI): encodes a search's query,
     TextShard x N (texts, for /describe)        ─┘    merges top-k across shards
 
+A single-shard library (the default, shards=1) is searched in the ingress itself, as its query is
+encoded there: a search then makes no hop between replicas.
+
+Start Ray with Serve's high-throughput mode (SERVE_ENV below, in the environment of `serve run` or
+`ray start`): HAProxy in front, the ingress replica serving HTTP itself, gRPC between replicas, in
+place of Serve's Python HTTP proxy (measured in docs/serving.md):
+
+    export RAY_SERVE_THROUGHPUT_OPTIMIZED=1 RAY_SERVE_ENABLE_HA_PROXY=1
+    serve run serve/config.yaml      (loopback; or serve deploy serve/config.yaml on a running cluster)
     serve run serve.app:app model_dir=runs/cpu/best molecules=runs/index/molecules texts=runs/index/texts
-    serve deploy serve/config.yaml
 
 Endpoints: POST /search/text, /search/molecule, /describe, /embed; GET /health, /info; and for
 people, GET / (the search page, serve/static/), /depict (a molecule as SVG) and /export (the
@@ -30,6 +38,8 @@ from ray import serve
 from serve.requests import (STATIC, STATIC_TYPES, EmbedRequest, Filters, MoleculeQuery, QueryCache, TextQuery, Timings,
                             parse_or_422, query_from_params, query_structure, static_file)
 
+# Ray Serve's high-throughput mode (Ray's "Enable High Throughput on Ray Serve"); read when Ray starts
+SERVE_ENV = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_HA_PROXY": "1"}
 MAX_BODY_BYTES = 64 * 1024
 MAX_LOOKED_AT = 20_000  # candidates a filtered search may examine before it reports how many passed
 WARM_UP_DESCRIPTION = ("The molecule is a monocarboxylic acid that is propanoic acid in which one of the hydrogens at "
@@ -91,12 +101,11 @@ class Encoder:
         return self.encoders.engine
 
 
-@serve.deployment(ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=64,
-                  autoscaling_config={"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 16})
-class IndexShard:
-    """One shard (rows shard::num_shards) of an index directory."""
+class ShardIndex:
+    """One shard (rows shard::num_shards) of an index directory, warmed up: searched in the ingress
+    for a single-shard library, or behind an IndexShard deployment."""
 
-    def __init__(self, index_dir: str, shard: int, num_shards: int):
+    def __init__(self, index_dir: str, shard: int = 0, num_shards: int = 1):
         from tmr.index import RetrievalIndex
 
         self.index = RetrievalIndex(index_dir, shard, num_shards)
@@ -106,13 +115,16 @@ class IndexShard:
         scores, rows = self.index.search(query[None, :], k)
         return scores[0], rows[0], self.index.records(rows[0])
 
-    def size(self) -> int:
-        return len(self.index)
-
     def placement(self) -> dict:
         import ray
 
         return {"rows": len(self.index), "node": ray.get_runtime_context().get_node_id()}
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=64,
+                  autoscaling_config={"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 16})
+class IndexShard(ShardIndex):
+    """A shard as its own deployment: a library split over N shards (or `search_in_ingress=false`)."""
 
     def check_health(self) -> None:
         if len(self.index) == 0:
@@ -146,10 +158,16 @@ async def idempotent(method, *args):
 @serve.deployment(ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=128)
 @serve.ingress(api)
 class Ingress:
-    def __init__(self, encoder, molecule_shards: list, text_shards: list, info: dict, model_dir: str | None = None):
+    def __init__(self, encoder, molecule_shards: list, text_shards: list, info: dict, model_dir: str | None = None,
+                 local_indexes: dict | None = None):
         from tmr.chem import depict_svg, properties
 
         self.encoder, self.molecule_shards, self.text_shards, self.info_ = encoder, molecule_shards, text_shards, info
+        # a single-shard library searched here, in a worker thread (faiss releases the GIL): no hop to a
+        # shard replica (measured: docs/serving.md)
+        if local_indexes:
+            self.molecule_shards = [ShardIndex(local_indexes["molecules"])]
+            self.text_shards = [ShardIndex(local_indexes["texts"])] if local_indexes.get("texts") else []
         self.query_cache = QueryCache()
         # a search's one query encoded here, in a worker thread (ONNX Runtime and torch release the GIL):
         # no hop to the Encoder and no batch window (measured: docs/serving.md)
@@ -159,13 +177,20 @@ class Ingress:
     async def _encode(self, kind: str, value: str) -> np.ndarray:
         if self.local is None:
             return await idempotent(self.encoder.text if kind == "text" else self.encoder.molecule, value)
+        # one query per call, in the default executor's threads: concurrent queries run side by side on the
+        # cores (batching them here with serve.batch was measured slower at c=32: docs/serving.md)
         encode = self.local.text if kind == "text" else self.local.molecules
         return await asyncio.to_thread(lambda: encode([value])[0].numpy())
 
     async def _search(self, shards: list, vector: np.ndarray, k: int) -> list[dict]:
         from tmr.index import merge_top_k
 
-        answers = await asyncio.gather(*[idempotent(shard.search, vector, k) for shard in shards])
+        def ask(shard):
+            if isinstance(shard, ShardIndex):
+                return asyncio.to_thread(shard.search, vector, k)
+            return idempotent(shard.search, vector, k)
+
+        answers = await asyncio.gather(*[ask(shard) for shard in shards])
         scores, rows = merge_top_k([(s[None, :], r[None, :]) for s, r, _ in answers], k)
         records = {int(r): rec for _, rs, recs in answers for r, rec in zip(rs, recs)}
         return [{"rank": i + 1, "score": float(score), **records[int(row)]}
@@ -304,17 +329,25 @@ class Ingress:
     @api.get("/info")
     async def info(self) -> dict:
         """The deployment: model, libraries, and where each molecule shard runs (rows, Ray node)."""
-        shards = await asyncio.gather(*[shard.placement.remote() for shard in self.molecule_shards])
+        in_ingress = [isinstance(shard, ShardIndex) for shard in self.molecule_shards]
+        shards = await asyncio.gather(*[asyncio.to_thread(shard.placement) if local else shard.placement.remote()
+                                        for shard, local in zip(self.molecule_shards, in_ingress)])
         return {**self.info_, "molecule_shards": shards, "query_cache": self.query_cache.stats(),
                 "text_engine": self.local.engine if self.local else await self.encoder.engine.remote(),
-                "encode_in_ingress": self.local is not None}
+                "encode_in_ingress": self.local is not None, "search_in_ingress": all(in_ingress)}
 
 
 def build_app(args: dict):
     """`serve run serve.app:app model_dir=... molecules=... [texts=...] [shards=N] [encoder_max_replicas=N]
-    [downscale_delay_s=S] [encode_in_ingress=false]`."""
+    [downscale_delay_s=S] [encode_in_ingress=false] [search_in_ingress=false]`."""
     import json
+    import logging
 
+    missing = [f"{name}={value}" for name, value in SERVE_ENV.items() if os.environ.get(name) != value]
+    if missing:
+        logging.getLogger("tmr.serve").warning(
+            "Ray Serve runs without its high-throughput mode: requests go through its Python HTTP proxy "
+            "(~10x the per-request overhead, docs/serving.md); start Ray with %s set", " ".join(missing))
     model_dir = args.get("model_dir") or os.environ.get("TMR_MODEL", "runs/cpu/best")
     molecules = args.get("molecules") or os.environ.get("TMR_MOLECULES", "runs/index/molecules")
     texts = args.get("texts") or os.environ.get("TMR_TEXTS")
@@ -327,18 +360,25 @@ def build_app(args: dict):
         "min_replicas": 1, "max_replicas": int(args.get("encoder_max_replicas", 4)), "target_ongoing_requests": 8,
         "downscale_delay_s": float(args.get("downscale_delay_s", 600)),
     }).bind(str(Path(model_dir).resolve()))
-    molecule_shards = [IndexShard.options(name=f"MoleculeShard{i}").bind(str(Path(molecules).resolve()), i, shards)
-                       for i in range(shards)]
+    def flag(name: str) -> bool:
+        return str(args.get(name, "true")).lower() in ("1", "true", "yes")
+
+    # one shard: searched in the ingress unless search_in_ingress=false; N shards: N deployments searched in parallel
+    local = shards == 1 and flag("search_in_ingress")
+    local_indexes = {"molecules": str(Path(molecules).resolve()), "texts": str(Path(texts).resolve()) if texts else None}
+    molecule_shards = [] if local else [
+        IndexShard.options(name=f"MoleculeShard{i}").bind(str(Path(molecules).resolve()), i, shards) for i in range(shards)]
     text_shards = [IndexShard.options(name=f"TextShard{i}").bind(str(Path(texts).resolve()), i, shards)
-                   for i in range(shards)] if texts else []
+                   for i in range(shards)] if texts and not local else []
     manifest = json.loads((Path(molecules) / "manifest.json").read_text())
     info = {"model": str(Path(model_dir).resolve()), "model_fingerprint": manifest["model_fingerprint"],
             "molecules": {"path": str(Path(molecules).resolve()), "count": manifest["count"], "index": manifest["index"],
                           "id_url": manifest.get("id_url")},
             "texts": json.loads((Path(texts) / "manifest.json").read_text())["count"] if texts else 0,
             "shards": shards, "dim": manifest["dim"]}
-    in_ingress = str(args.get("encode_in_ingress", "true")).lower() in ("1", "true", "yes")
-    return Ingress.bind(encoder, molecule_shards, text_shards, info, str(Path(model_dir).resolve()) if in_ingress else None)
+    return Ingress.bind(encoder, molecule_shards, text_shards, info,
+                        str(Path(model_dir).resolve()) if flag("encode_in_ingress") else None,
+                        local_indexes if local else None)
 
 
 app = build_app

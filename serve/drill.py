@@ -1,5 +1,7 @@
 """Load and fault drill (prints figures, writes JSON and a plot): c=32 load on /search/text while
-one Encoder replica and one MoleculeShard replica are killed, then a fuzz run.
+one Encoder replica and one MoleculeShard replica are killed, then a fuzz run. The library is
+served as a shard deployment (`search_in_ingress=false`, the topology of a sharded library): by
+default a single shard is searched in the ingress and there would be no shard replica to kill.
 
     python serve/drill.py --model runs/cpu/best --library runs/index/molecules --out results/drill
 
@@ -61,21 +63,23 @@ async def drill(port: int, seconds: float, concurrency: int, kills: list[tuple[f
             outcomes.append({"t": t0 - started, "status": status, "ms": 1000 * (time.perf_counter() - t0)})
             i += concurrency
 
-    async def chaos():
-        for at, deployment in kills:
-            await asyncio.sleep(max(0.0, at - (time.perf_counter() - started)))
-            before = replica_counts()[deployment]
-            name = await asyncio.to_thread(kill_one_replica, deployment)
-            killed = time.perf_counter() - started
-            events.append({"t": killed, "deployment": deployment, "replica": name, "replicas_before": before})
-            seen_down = False
-            while True:
-                await asyncio.sleep(0.25)
-                count = (await asyncio.to_thread(replica_counts))[deployment]
-                seen_down = seen_down or count < before
-                if seen_down and count >= before or time.perf_counter() - started - killed > 120:
-                    events[-1]["recovered_s"] = time.perf_counter() - started - killed if count >= before else None
-                    break
+    async def chaos(at: float, deployment: str):
+        """One kill at its time (whatever the other kills' recoveries), then the wait until the
+        deployment is back to its replica count."""
+        await asyncio.sleep(max(0.0, at - (time.perf_counter() - started)))
+        before = (await asyncio.to_thread(replica_counts))[deployment]
+        name = await asyncio.to_thread(kill_one_replica, deployment)
+        killed = time.perf_counter() - started
+        event = {"t": killed, "deployment": deployment, "replica": name, "replicas_before": before}
+        events.append(event)
+        seen_down = False
+        while True:
+            await asyncio.sleep(0.25)
+            count = (await asyncio.to_thread(replica_counts))[deployment]
+            seen_down = seen_down or count < before
+            if seen_down and count >= before or time.perf_counter() - started - killed > 120:
+                event["recovered_s"] = time.perf_counter() - started - killed if count >= before else None
+                break
 
     async def sampler(until: float):
         while time.perf_counter() - started < until:
@@ -84,7 +88,7 @@ async def drill(port: int, seconds: float, concurrency: int, kills: list[tuple[f
 
     async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=60) as client:
         load = [worker(client, n) for n in range(concurrency)]
-        await asyncio.gather(*load, chaos(), sampler(seconds))
+        await asyncio.gather(*load, *[chaos(at, deployment) for at, deployment in kills], sampler(seconds))
         await sampler(seconds + 60)  # after the load: the autoscaler scales back down
     failed = [o for o in outcomes if o["status"] != 200]
     return {"requests": len(outcomes), "failed": len(failed), "failures": failed[:20], "kills": events,
@@ -129,8 +133,9 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     port = start_local_serve()
+    # the shard as its own deployment (as a library of N shards is), so that there is a shard replica to kill
     serve.run(build_app({"model_dir": args.model, "molecules": args.library, "encoder_max_replicas": 2,
-                         "downscale_delay_s": 20}), name="tmr", route_prefix="/")
+                         "downscale_delay_s": 20, "search_in_ingress": "false"}), name="tmr", route_prefix="/")
     reference = [{"text": q, "k": 10} for q in QUERIES]
     with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as client:
         before = [[r["id"] for r in client.post("/search/text", json=b).json()["results"]] for b in reference]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import socket
+import os
 import sys
 from pathlib import Path
 
@@ -59,7 +59,8 @@ def local_ray(request):
 @pytest.fixture(scope="module")
 def served(tmp_path_factory, small_root):
     """The Serve app on loopback over a tiny model and the 120-pair library (molecules and texts),
-    once unsharded at / and once with 4 shards at /sharded; yields (httpx client, directory)."""
+    once unsharded at / and once with 4 shards at /sharded, in Serve's high-throughput mode as
+    users run it (HAProxy, the ingress serving HTTP itself); yields (httpx client, directory)."""
     import httpx
     import ray
     from ray import serve
@@ -69,19 +70,16 @@ def served(tmp_path_factory, small_root):
 
     repo = Path(__file__).resolve().parents[1]
     sys.path.insert(0, str(repo))
-    from serve.app import build_app
+    from serve.app import SERVE_ENV, build_app
+    from serve.benchmark import start_local_serve
 
     root = tmp_path_factory.mktemp("serve")
     create_model(load_config("tiny").model).save_pretrained(root / "model")
     library = small_root / "validation.txt"
     for kind in ("molecule", "text"):
         build_index(library, root / "model", root / kind, kind, use_ray=False, progress=False)
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    ray.init(address="local", num_cpus=4, object_store_memory=200 * 1024**2, include_dashboard=False,
-             runtime_env={"env_vars": {"PYTHONPATH": str(repo)}})
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    saved = {name: os.environ.get(name) for name in SERVE_ENV}
+    port = start_local_serve(num_cpus=4)
     args = {"model_dir": str(root / "model"), "molecules": str(root / "molecule"), "texts": str(root / "text")}
     serve.run(build_app(args), name="one", route_prefix="/")
     serve.run(build_app({**args, "shards": 4}), name="sharded", route_prefix="/sharded")
@@ -89,3 +87,8 @@ def served(tmp_path_factory, small_root):
         yield client, root
     serve.shutdown()
     ray.shutdown()
+    for name, value in saved.items():  # the rest of the session's Ray clusters start as before
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value

@@ -91,6 +91,10 @@ def test_malformed_json_health_info_and_embed(served):
     assert client.get("/health").json() == {"status": "ok"}
     info = client.get("/info").json()
     assert info["molecules"]["count"] == 120 and info["texts"] == 120 and info["dim"] == 64
+    # one shard is searched in the ingress (no hop), four are their own deployments
+    assert info["search_in_ingress"] and [s["rows"] for s in info["molecule_shards"]] == [120]
+    sharded = client.get("/sharded/info").json()
+    assert not sharded["search_in_ingress"] and [s["rows"] for s in sharded["molecule_shards"]] == [30] * 4
     embedded = client.post("/embed", json={"texts": [QUERY], "smiles": ["CCO"]}).json()
     model = from_pretrained(root / "model")
     assert np.allclose(embedded["texts"][0], model.encode_text([QUERY])[0].numpy(), atol=1e-5)

@@ -204,8 +204,9 @@ class RetrievalIndex:
             set_search_params(self.index, self.manifest["index"], self.manifest.get("search_params", {}))
         else:
             self.index = build_faiss(embeddings[self.rows], self.manifest["index"], self.manifest.get("search_params"))
-        # kept columnar (Arrow): a million rows as Python dicts would cost GBs; a result reads its k rows
-        self.metadata = metadata if num_shards == 1 else metadata.take(self.rows)
+        # kept columnar (Arrow): a million rows as Python dicts would cost GBs; a result reads its k rows.
+        # One chunk per column: `take` across parquet's row-group chunks cost 21 ms for 10 of 1M rows, 0.2 ms here
+        self.metadata = (metadata if num_shards == 1 else metadata.take(self.rows)).combine_chunks()
 
     def __len__(self) -> int:
         return len(self.rows)

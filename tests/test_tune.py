@@ -93,6 +93,10 @@ def test_results_table_runs_resolve_to_the_recipes_the_docs_name():
     assert (real_only["corpus"]["ontology"], real_only["train"]["epochs"]) == (False, 40)
     real_only["corpus"]["ontology"], real_only["train"]["epochs"] = True, configs["full"]["train"]["epochs"]
     assert real_only == configs["full"]
+    # the best recipe measured is its own preset, `cpu_long`: the row's configuration but where it writes
+    longer = load_config("cpu_long").to_dict()
+    assert {**configs["mixed_e10_x3"], "output": longer["output"]} == longer
+    assert (longer["train"]["epochs"], longer["corpus"]["real_repeat"]) == (10, 3)
     # clip on the same data as the method, the derived corpus alone: one change each
     assert configs["clip_mixed"]["corpus"] == configs["full"]["corpus"]
     assert configs["clip_mixed"]["train"]["epochs"] == configs["full"]["train"]["epochs"]

@@ -200,7 +200,7 @@ class Ingress:
                          query_smiles: str | None = None) -> dict:
         """Top k molecules passing the filters (looking further down the ranking, up to
         MAX_LOOKED_AT, until k pass), each with its properties, link and depiction."""
-        from tmr.chem import inchikey, properties, tanimoto
+        from tmr.chem import tanimoto
 
         wanted = filters.build() if filters else None
         answer: dict = {}
@@ -224,10 +224,7 @@ class Ingress:
         def decorate(result: dict) -> dict:
             link = self.info_["molecules"].get("id_url")
             query = f"&query={quote(query_smiles, safe='')}" if query_smiles else ""
-            # an index built by tmr.library holds both; an older one has them computed here
-            extra = {"inchikey": result.get("inchikey") or inchikey(result["smiles"]),
-                     "properties": result.get("properties") or properties(result["smiles"]),
-                     "url": link.format(id=result["id"]) if link else None,
+            extra = {"url": link.format(id=result["id"]) if link else None,
                      "depiction": f"depict?smiles={quote(result['smiles'], safe='')}{query}"}
             if query_smiles:
                 extra["tanimoto"] = tanimoto(query_smiles, result["smiles"])

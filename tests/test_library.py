@@ -134,3 +134,22 @@ def test_an_index_stores_what_a_served_result_shows_for_each_molecule(moses_slic
         index = RetrievalIndex(tmp_path / "index", shard, 2)
         assert index.records(index.rows[::-7]) == [rows[r] for r in index.rows[::-7]]
     assert RetrievalIndex(tmp_path / "index").record(123) == rows[123]
+
+
+def test_an_index_built_before_stored_decorations_reads_the_same_rows(moses_slice, tiny_model, tmp_path):
+    """An index whose metadata has no inchikey / properties columns (built before they were stored)
+    gets them computed where rows are read, equal to what a new build stores, in the whole index
+    and in each shard of it: the ingress reads rows one way for both."""
+    import shutil
+
+    from tmr.index import RetrievalIndex
+
+    build_index(moses_slice, tiny_model, tmp_path / "new", limit=120, chunk_size=60, use_ray=False, progress=False)
+    shutil.copytree(tmp_path / "new", tmp_path / "old")
+    table = pq.read_table(tmp_path / "old/metadata.parquet")
+    pq.write_table(table.drop_columns(["inchikey", "properties"]), tmp_path / "old/metadata.parquet")
+    for shards in (1, 2):
+        for shard in range(shards):
+            new, old = RetrievalIndex(tmp_path / "new", shard, shards), RetrievalIndex(tmp_path / "old", shard, shards)
+            assert "inchikey" not in old.metadata.column_names
+            assert old.records(old.rows[::-3]) == new.records(new.rows[::-3])

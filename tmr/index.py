@@ -222,9 +222,16 @@ class RetrievalIndex:
         return scores, self.rows[local]
 
     def records(self, global_rows) -> list[dict]:
-        """The metadata rows of these global row numbers, in their order."""
+        """The metadata rows of these global row numbers, in their order. A molecule index built
+        before decorations were stored (no inchikey / properties columns) gets them computed here,
+        so every reader sees the same rows whichever build wrote the index."""
         positions = np.searchsorted(self.rows, np.asarray(global_rows, dtype=np.int64))
-        return self.metadata.take(positions).to_pylist()
+        rows = self.metadata.take(positions).to_pylist()
+        if self.manifest.get("kind") == "molecule" and "inchikey" not in self.metadata.column_names:
+            from tmr.chem import inchikey, properties
+
+            rows = [{**row, "inchikey": inchikey(row["smiles"]), "properties": properties(row["smiles"])} for row in rows]
+        return rows
 
     def record(self, global_row: int) -> dict:
         return self.records([global_row])[0]

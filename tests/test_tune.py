@@ -101,6 +101,16 @@ def test_results_table_runs_resolve_to_the_recipes_the_docs_name():
     assert configs["clip_mixed"]["corpus"] == configs["full"]["corpus"]
     assert configs["clip_mixed"]["train"]["epochs"] == configs["full"]["train"]["epochs"]
     assert (configs["derived_only"]["corpus"]["real"], configs["derived_only"]["corpus"]["ontology"]) == (False, True)
+    # lever probes on the mixed data: each one key away from the preset
+    def flat(tree: dict, prefix: str = "") -> dict:
+        return {k: v for key, value in tree.items()
+                for k, v in (flat(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value}).items()}
+
+    for name, key, value in (("mixed_first_order_both", "loss.first_order", "both"),
+                             ("mixed_k128", "model.projector.memory_size", 128),
+                             ("mixed_no_adversarial", "loss.adversarial_weight", 0)):
+        probe, preset = flat(configs[name]), flat(configs["full"])
+        assert {k for k in probe if probe[k] != preset[k]} == {key} and probe[key] == value, name
     shorter = copy.deepcopy(configs["full_e30"])  # the preset before 40 epochs: only the length differs
     assert shorter["train"]["epochs"] == 30 and configs["real_e40"]["train"]["epochs"] == 40
     shorter["train"]["epochs"] = 40

@@ -133,7 +133,14 @@ def one_process_group():
 def test_deepspeed_steps_update_the_weights_as_the_plain_loop_does(one_process_group, small_root, clipping):
     """Three engine steps equal tmr.train's three, with and without clipping. Unclipped, every
     step's gradient norm is above DeepSpeed's default threshold of 1.0, so a hidden default would
-    show: Adam is scale-free on its first step only, and the clip factor changes from step to step."""
+    show: Adam is scale-free on its first step only, and the clip factor changes from step to step.
+
+    Seven biases get no gradient here, only rounding noise (~1e-8 against >= 1e-4 for every other
+    parameter): each shifts every row of a modality equally, which attention's softmax (key
+    biases) or the head's per-modality BatchNorm (the rest) cancels exactly; with the adversarial
+    term off nothing else reads them. Adam divides that noise by its own size and takes full steps
+    on it, so their values depend on a CPU's summation order, not on DeepSpeed: they are named,
+    and every other parameter is compared."""
     import copy
 
     from tmr.data import MoleculeTextDataset, PairCollator
@@ -153,11 +160,13 @@ def test_deepspeed_steps_update_the_weights_as_the_plain_loop_does(one_process_g
     criterion = AlignmentLoss(config.loss)
     optimizer, scheduler = make_optimizer(plain, config.train, 10)
     plain.train()
-    norms = []
+    norms, shift_only = [], set()
     for batch in batches:  # tmr.train.fit's step
         optimizer.zero_grad(set_to_none=True)
         criterion(plain(batch), None, plain.logit_scale)["loss"].backward()
         norms.append(float(torch.nn.utils.get_total_norm([p.grad for p in plain.parameters() if p.grad is not None])))
+        shift_only |= {name for name, p in plain.named_parameters()
+                       if p.grad is not None and p.grad.norm() / p.numel() ** 0.5 < 1e-6}
         if clipping > 0:
             torch.nn.utils.clip_grad_norm_(plain.parameters(), clipping)
         optimizer.step()
@@ -168,5 +177,9 @@ def test_deepspeed_steps_update_the_weights_as_the_plain_loop_does(one_process_g
     for batch in batches:
         engine_backward(engine, criterion(engine(batch), None, engine.module.logit_scale)["loss"], 1)
         engine.step()
+    assert shift_only == {"text_encoder.norm.bias", "molecule_encoder.norm.bias", "projector.key.bias",
+                          "projector.value.bias", "projector.out.bias", "head.linear.bias",
+                          "text_encoder.backbone.encoder.layer.5.attention.self.key.bias"}, shift_only
     for (name, expected), got in zip(plain.named_parameters(), engine.module.parameters()):
-        assert torch.allclose(got, expected, atol=1e-5), name
+        if name not in shift_only:
+            assert torch.allclose(got, expected, atol=1e-5), name

@@ -1,12 +1,13 @@
 """What a request may be: the request bodies and their limits, a query's molecule (SMILES or an
 uploaded .mol/.sdf, parsed or a 422 naming it), the page's URL as a query, the query-embedding
-cache, a request's Server-Timing and the page's static files. No Ray here: serve/app.py's
-deployments use these.
+cache, the batcher that lets concurrent queries share a forward, a request's Server-Timing and the
+page's static files. No Ray here: serve/app.py's deployments use these.
 """
 
 import asyncio
+import threading
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -164,6 +165,67 @@ class QueryCache:
     def stats(self) -> dict:
         return {"size": len(self.vectors), "capacity": self.size, "hits": self.hits, "misses": self.misses,
                 "joined": self.joined}
+
+
+class QueryBatcher:
+    """Concurrent queries through shared forwards, with no batch window: `workers` threads each take
+    the oldest waiting query and, with it, every other waiting one of a similar length (up to
+    `max_batch`). A lone query runs at once, as it would alone; under load the queries that arrived
+    during a forward share the next one (the encoder's cost per short text is ~2.5x lower in batches
+    of 32 than one at a time: docs/serving.md). Similar lengths only, because a batch is padded to its
+    longest text: `spread` bounds the ratio of the longest to the oldest one's length in characters.
+
+    `encode(list of str) -> (N, D)` runs in the worker threads (ONNX Runtime and torch release the GIL);
+    an exception reaches every query of its batch, and the workers carry on."""
+
+    def __init__(self, encode, workers: int = 2, max_batch: int = 32, spread: float = 1.5):
+        self.encode, self.max_batch, self.spread = encode, max_batch, spread
+        self.waiting: deque = deque()  # (text, future, loop), oldest first
+        self.ready = threading.Condition()
+        self.batches = self.queries = 0
+        for i in range(workers):
+            threading.Thread(target=self._work, name=f"query-batcher-{i}", daemon=True).start()
+
+    async def __call__(self, text: str) -> np.ndarray:
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        with self.ready:
+            self.waiting.append((text, future, loop))
+            self.ready.notify()
+        return await future
+
+    def _take(self) -> list[tuple]:
+        with self.ready:
+            while not self.waiting:
+                self.ready.wait()
+            first = self.waiting.popleft()
+            low, high = len(first[0]) / self.spread, len(first[0]) * self.spread
+            batch, rest = [first], deque()
+            while self.waiting and len(batch) < self.max_batch:
+                item = self.waiting.popleft()
+                (batch if low <= len(item[0]) <= high else rest).append(item)
+            self.waiting.extendleft(reversed(rest))  # the others keep their place in the queue
+            return batch
+
+    def _work(self) -> None:
+        while True:
+            batch = self._take()
+            try:
+                vectors = self.encode([text for text, _, _ in batch])
+                outcomes = [(True, vector.numpy() if hasattr(vector, "numpy") else vector) for vector in vectors]
+            except Exception as error:  # noqa: BLE001: handed to the waiting requests, whatever it is
+                outcomes = [(False, error)] * len(batch)
+            self.batches, self.queries = self.batches + 1, self.queries + len(batch)
+            for (_, future, loop), outcome in zip(batch, outcomes):
+                loop.call_soon_threadsafe(_settle, future, *outcome)
+
+    def stats(self) -> dict:
+        return {"batches": self.batches, "queries": self.queries}
+
+
+def _settle(future: asyncio.Future, ok: bool, value) -> None:
+    if not future.done():  # a client that hung up cancelled its wait
+        future.set_result(value) if ok else future.set_exception(value)
 
 
 class Timings:

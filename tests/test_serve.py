@@ -149,3 +149,45 @@ def test_concurrent_misses_of_one_query_are_encoded_once():
         assert cache.stats()["hits"] == 1 and len(calls) == 2
 
     asyncio.run(scenario())
+
+
+def test_concurrent_text_queries_share_forwards_of_similar_length_and_each_gets_its_own_vector():
+    """The ingress's QueryBatcher: a lone query runs at once; the queries that arrive during a forward
+    share the next one, short with short and long with long (padding); each caller gets its own
+    text's vector; a failed forward fails its own queries only."""
+    import asyncio
+    import threading
+
+    from serve.requests import QueryBatcher
+
+    rng = np.random.default_rng(0)
+    shorts, longs = [f"short {i}" for i in range(6)], [f"a much longer description, number {i}" for i in range(3)]
+    vectors = {text: rng.normal(size=4) for text in ["first", *shorts, *longs, "fine"]}
+    release, batches = threading.Event(), []
+
+    def encode(texts):
+        batches.append(list(texts))
+        if texts == ["first"]:
+            release.wait(10)  # busy: the next queries queue up behind it
+        if "boom" in texts:
+            raise RuntimeError("encoder failed")
+        return np.stack([vectors[t] for t in texts])
+
+    async def scenario():
+        batcher = QueryBatcher(encode, workers=1)
+        first = asyncio.ensure_future(batcher("first"))
+        await asyncio.sleep(0.1)
+        assert batches == [["first"]]  # started alone, with no batch window
+        queued = [asyncio.ensure_future(batcher(t)) for t in [shorts[0], longs[0], *shorts[1:], *longs[1:]]]
+        await asyncio.sleep(0.1)
+        release.set()
+        answers = await asyncio.gather(first, *queued)
+        for text, answer in zip(["first", shorts[0], longs[0], *shorts[1:], *longs[1:]], answers):
+            assert np.array_equal(answer, vectors[text]), text
+        assert batches == [["first"], shorts, longs]
+        assert batcher.stats() == {"batches": 3, "queries": 10}
+        with pytest.raises(RuntimeError, match="encoder failed"):
+            await batcher("boom")
+        assert np.array_equal(await batcher("fine"), vectors["fine"])
+
+    asyncio.run(scenario())

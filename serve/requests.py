@@ -171,15 +171,17 @@ class QueryBatcher:
     """Concurrent queries through shared forwards, with no batch window: `workers` threads each take
     the oldest waiting query and, with it, every other waiting one of a similar length (up to
     `max_batch`). A lone query runs at once, as it would alone; under load the queries that arrived
-    during a forward share the next one (the encoder's cost per short text is ~2.5x lower in batches
-    of 32 than one at a time: docs/serving.md). Similar lengths only, because a batch is padded to its
-    longest text: `spread` bounds the ratio of the longest to the oldest one's length in characters.
+    during a forward share the next one: a short text costs the encoder ~2.5x less in a batch of 32
+    than alone. Not a long one: a ChEBI-length description (~100 tokens) already fills the CPU's
+    kernels alone, and in batches it ran slower (docs/serving.md), so a text over `max_chars` runs
+    alone. Similar lengths only, because a batch is padded to its longest: `spread` bounds the ratio
+    of any member's length (in characters) to the oldest one's.
 
     `encode(list of str) -> (N, D)` runs in the worker threads (ONNX Runtime and torch release the GIL);
     an exception reaches every query of its batch, and the workers carry on."""
 
-    def __init__(self, encode, workers: int = 2, max_batch: int = 32, spread: float = 1.5):
-        self.encode, self.max_batch, self.spread = encode, max_batch, spread
+    def __init__(self, encode, workers: int = 2, max_batch: int = 32, spread: float = 1.5, max_chars: int = 200):
+        self.encode, self.max_batch, self.spread, self.max_chars = encode, max_batch, spread, max_chars
         self.waiting: deque = deque()  # (text, future, loop), oldest first
         self.ready = threading.Condition()
         self.batches = self.queries = 0
@@ -199,9 +201,9 @@ class QueryBatcher:
             while not self.waiting:
                 self.ready.wait()
             first = self.waiting.popleft()
-            low, high = len(first[0]) / self.spread, len(first[0]) * self.spread
+            low, high = len(first[0]) / self.spread, min(len(first[0]) * self.spread, self.max_chars)
             batch, rest = [first], deque()
-            while self.waiting and len(batch) < self.max_batch:
+            while self.waiting and len(batch) < self.max_batch and len(first[0]) <= self.max_chars:
                 item = self.waiting.popleft()
                 (batch if low <= len(item[0]) <= high else rest).append(item)
             self.waiting.extendleft(reversed(rest))  # the others keep their place in the queue

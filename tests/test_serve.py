@@ -153,8 +153,8 @@ def test_concurrent_misses_of_one_query_are_encoded_once():
 
 def test_concurrent_text_queries_share_forwards_of_similar_length_and_each_gets_its_own_vector():
     """The ingress's QueryBatcher: a lone query runs at once; the queries that arrive during a forward
-    share the next one, short with short and long with long (padding); each caller gets its own
-    text's vector; a failed forward fails its own queries only."""
+    share the next one, short with short (padding), and a text over max_chars runs alone; each
+    caller gets its own text's vector; a failed forward fails its own queries only."""
     import asyncio
     import threading
 
@@ -174,7 +174,7 @@ def test_concurrent_text_queries_share_forwards_of_similar_length_and_each_gets_
         return np.stack([vectors[t] for t in texts])
 
     async def scenario():
-        batcher = QueryBatcher(encode, workers=1)
+        batcher = QueryBatcher(encode, workers=1, max_chars=30)
         first = asyncio.ensure_future(batcher("first"))
         await asyncio.sleep(0.1)
         assert batches == [["first"]]  # started alone, with no batch window
@@ -184,8 +184,8 @@ def test_concurrent_text_queries_share_forwards_of_similar_length_and_each_gets_
         answers = await asyncio.gather(first, *queued)
         for text, answer in zip(["first", shorts[0], longs[0], *shorts[1:], *longs[1:]], answers):
             assert np.array_equal(answer, vectors[text]), text
-        assert batches == [["first"], shorts, longs]
-        assert batcher.stats() == {"batches": 3, "queries": 10}
+        assert batches == [["first"], shorts, *[[text] for text in longs]]
+        assert batcher.stats() == {"batches": 5, "queries": 10}
         with pytest.raises(RuntimeError, match="encoder failed"):
             await batcher("boom")
         assert np.array_equal(await batcher("fine"), vectors["fine"])

@@ -201,9 +201,11 @@ class QueryBatcher:
             while not self.waiting:
                 self.ready.wait()
             first = self.waiting.popleft()
+            if len(first[0]) > self.max_chars:
+                return [first]
             low, high = len(first[0]) / self.spread, min(len(first[0]) * self.spread, self.max_chars)
             batch, rest = [first], deque()
-            while self.waiting and len(batch) < self.max_batch and len(first[0]) <= self.max_chars:
+            while self.waiting and len(batch) < self.max_batch:
                 item = self.waiting.popleft()
                 (batch if low <= len(item[0]) <= high else rest).append(item)
             self.waiting.extendleft(reversed(rest))  # the others keep their place in the queue
@@ -213,8 +215,7 @@ class QueryBatcher:
         while True:
             batch = self._take()
             try:
-                vectors = self.encode([text for text, _, _ in batch])
-                outcomes = [(True, vector.numpy() if hasattr(vector, "numpy") else vector) for vector in vectors]
+                outcomes = [(True, vector) for vector in np.asarray(self.encode([text for text, _, _ in batch]))]
             except Exception as error:  # noqa: BLE001: handed to the waiting requests, whatever it is
                 outcomes = [(False, error)] * len(batch)
             self.batches, self.queries = self.batches + 1, self.queries + len(batch)

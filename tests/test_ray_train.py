@@ -140,7 +140,10 @@ def test_deepspeed_steps_update_the_weights_as_the_plain_loop_does(one_process_g
     biases) or the head's per-modality BatchNorm (the rest) cancels exactly; with the adversarial
     term off nothing else reads them. Adam divides that noise by its own size and takes full steps
     on it, so their values depend on a CPU's summation order, not on DeepSpeed: they are named,
-    and every other parameter is compared."""
+    and every other parameter is compared. Their noise reaches the rest at the 1e-5 level, element by
+    element (measured: the plain loop on 1 thread against the engine on 2), so each parameter's whole
+    update is compared: noise moves it by <= 6e-5 of its norm, a clip threshold twice DeepSpeed's by
+    >= 0.1 on the molecule encoder's layers."""
     import copy
 
     from tmr.data import MoleculeTextDataset, PairCollator
@@ -153,7 +156,7 @@ def test_deepspeed_steps_update_the_weights_as_the_plain_loop_does(one_process_g
                                   f"train.gradient_clipping={clipping}"])
     torch.manual_seed(0)
     plain = create_model(config.model)
-    model = copy.deepcopy(plain)
+    model, initial = copy.deepcopy(plain), copy.deepcopy(plain)
     dataset = MoleculeTextDataset(small_root / "validation.txt", progress=False)
     collate = PairCollator(plain.tokenizer, config.model.text.max_length)
     batches = [collate([dataset[i] for i in range(s * GLOBAL_BATCH, (s + 1) * GLOBAL_BATCH)]) for s in range(3)]
@@ -180,6 +183,7 @@ def test_deepspeed_steps_update_the_weights_as_the_plain_loop_does(one_process_g
     assert shift_only == {"text_encoder.norm.bias", "molecule_encoder.norm.bias", "projector.key.bias",
                           "projector.value.bias", "projector.out.bias", "head.linear.bias",
                           "text_encoder.backbone.encoder.layer.5.attention.self.key.bias"}, shift_only
-    for (name, expected), got in zip(plain.named_parameters(), engine.module.parameters()):
+    for (name, expected), got, start in zip(plain.named_parameters(), engine.module.parameters(), initial.parameters()):
         if name not in shift_only:
-            assert torch.allclose(got, expected, atol=1e-5), name
+            update = (expected - start).detach().norm()  # zero for the frozen backbone
+            assert float((got - expected).detach().norm()) <= 1e-3 * float(update), name

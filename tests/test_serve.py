@@ -191,3 +191,31 @@ def test_concurrent_text_queries_share_forwards_of_similar_length_and_each_gets_
         assert np.array_equal(await batcher("fine"), vectors["fine"])
 
     asyncio.run(scenario())
+
+
+def test_a_body_over_the_limit_is_a_413_with_or_without_a_length_and_a_body_under_it_arrives_whole():
+    """serve.requests.BodyLimit (the ingress's middleware): by Content-Length, and for a chunked body
+    (no length) by counting what arrives; a bad length is a 400; a chunked body under the limit
+    reaches the handler byte for byte."""
+    from fastapi import FastAPI, Request
+    from fastapi.testclient import TestClient
+
+    from serve.requests import BodyLimit
+
+    app = FastAPI()
+    app.add_middleware(BodyLimit, max_bytes=1000)
+
+    @app.post("/echo")
+    async def echo(request: Request) -> dict:
+        return {"size": len(await request.body())}
+
+    client = TestClient(app)
+    assert client.post("/echo", content=b"x" * 1000).json() == {"size": 1000}
+    refused = client.post("/echo", content=b"x" * 1001)
+    assert refused.status_code == 413 and "at most 1000" in refused.json()["detail"]
+    chunks = lambda n: (b"y" * 100 for _ in range(n))  # noqa: E731: a generator body is sent chunked
+    assert client.post("/echo", content=chunks(10)).json() == {"size": 1000}
+    refused = client.post("/echo", content=chunks(11))
+    assert refused.status_code == 413 and "over 1000" in refused.json()["detail"]
+    bad = client.post("/echo", content=b"{}", headers={"content-length": "2x"})
+    assert bad.status_code == 400

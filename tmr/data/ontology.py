@@ -169,8 +169,10 @@ class Ontology:
             return None
         return max(options, key=lambda o: (o[0], len(self.relations(o[1])), o[1]))[1]
 
-    def describe(self, chebi_id: str) -> str:
-        """A ChEBI-20-style description from the entity's relations (its name is never in it, as in ChEBI-20)."""
+    def describe(self, chebi_id: str, with_name: bool = False) -> str:
+        """A ChEBI-20-style description from the entity's relations. ChEBI-20 never names the entity
+        itself; `with_name` appends "It is named <name>." (a second view: names like
+        "(2E,11Z)-octadecadienoyl-CoA(4-)" spell out the structure the relations only classify)."""
         relations = self.relations(chebi_id)
         names = lambda relation: [self.name(t) for t in relations.get(relation, [])]  # noqa: E731
         classes = names("is_a")
@@ -183,6 +185,8 @@ class Ontology:
         for relation, template in RELATION_SENTENCES:
             if relations.get(relation):
                 sentences.append(template.format(_listing(names(relation))))
+        if with_name:
+            sentences.append(f"It is named {self.name(chebi_id)}.")
         return " ".join(sentences)
 
     def ancestors(self, chebi_id: str) -> set[str]:
@@ -194,6 +198,11 @@ class Ontology:
                 seen.add(parent)
                 stack.extend(self.relations(parent).get("is_a", []))
         return seen
+
+
+def _hash_share(cid: str) -> float:
+    """A fixed number in [0, 1) per CID: which molecules get a name does not depend on the run or seed."""
+    return int.from_bytes(hashlib.sha256(f"name {cid}".encode()).digest()[:8], "big") / 2**64
 
 
 def _inchikey(smiles: str) -> str | None:
@@ -227,16 +236,17 @@ def read_molecules(path: str | os.PathLike) -> dict[str, str]:
 
 def build_ontology_corpus(ontology_root: str | os.PathLike, molecules: dict[str, str], allowed: list[str],
                           held_out: list[str], cache_dir: str | os.PathLike | None = None,
-                          progress: bool = True) -> tuple[Path, dict]:
+                          progress: bool = True, name_share: float = 0.0) -> tuple[Path, dict]:
     """(path of a `CID SMILES description` TSV, report) for the `allowed` CIDs that ChEBI describes.
 
     molecules: CID -> SMILES for every molecule named (molecules.tsv). held_out: the CIDs no model
     may train on (selection and test molecules); an allowed molecule whose CID is held out, or
     whose InChIKey equals a held-out molecule's, gets no text. The report counts what was left out
-    and why.
+    and why. name_share: the share of the texts that end by naming their entity (`describe`'s
+    with_name), chosen by a hash of the CID, so the same molecules are named in every run.
     """
     ontology_root = Path(ontology_root)
-    digest = hashlib.sha256(f"v{CORPUS_VERSION}".encode())
+    digest = hashlib.sha256((f"v{CORPUS_VERSION}" + (f" names {name_share!r}" if name_share else "")).encode())
     for name in (ENTITIES, MAPPING):
         digest.update(hashlib.sha256(_find(ontology_root, name).read_bytes()).digest())
     for group in (sorted(allowed), sorted(held_out)):
@@ -262,7 +272,7 @@ def build_ontology_corpus(ontology_root: str | os.PathLike, molecules: dict[str,
         held_keys = {keys[c] for c in held if keys[c]}
         ontology = Ontology(ontology_root)
         report = {"allowed": len(set(allowed)), "held_out": len(held), "held_out_cid": 0, "held_out_inchikey": 0,
-                  "no_inchikey": 0, "not_in_chebi": 0, "pairs": 0}
+                  "no_inchikey": 0, "not_in_chebi": 0, "pairs": 0, "named": 0}
         rows = []
         for cid in sorted(set(allowed), key=lambda c: int(c) if c.isdigit() else c):
             if cid in held:
@@ -274,7 +284,9 @@ def build_ontology_corpus(ontology_root: str | os.PathLike, molecules: dict[str,
             elif (entity := ontology.entity_for_cid(cid)) is None:
                 report["not_in_chebi"] += 1
             else:
-                rows.append((cid, molecules[cid], ontology.describe(entity)))
+                named = _hash_share(cid) < name_share
+                report["named"] += named
+                rows.append((cid, molecules[cid], ontology.describe(entity, with_name=named)))
         report["pairs"] = len(rows)
         with atomic_file(path) as partial:
             with open(partial, "w", newline="", encoding="utf-8") as handle:

@@ -98,7 +98,8 @@ def test_results_table_runs_resolve_to_the_recipes_the_docs_name():
     assert {**configs["mixed_e10_x3"], "output": longer["output"]} == longer
     assert (longer["train"]["epochs"], longer["corpus"]["real_repeat"]) == (10, 3)
     # clip on the same data as the method, the derived corpus alone: one change each
-    assert configs["clip_mixed"]["corpus"] == configs["full"]["corpus"]
+    assert configs["clip_mixed"]["corpus"] == configs["mixed_e8"]["corpus"]
+    assert configs["clip_mixed_names"]["corpus"] == configs["full"]["corpus"]
     assert configs["clip_mixed"]["train"]["epochs"] == configs["full"]["train"]["epochs"]
     assert (configs["derived_only"]["corpus"]["real"], configs["derived_only"]["corpus"]["ontology"]) == (False, True)
     # lever probes on the mixed data: each one key away from the preset
@@ -106,10 +107,14 @@ def test_results_table_runs_resolve_to_the_recipes_the_docs_name():
         return {k: v for key, value in tree.items()
                 for k, v in (flat(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value}).items()}
 
+    # (the rows measured before the names are one key from the pinned preset before them, `mixed_e8`)
+    assert configs["mixed_names100"] == configs["full"] and configs["full"]["corpus"]["ontology_names"] == 1
     for name, key, value in (("mixed_first_order_both", "loss.first_order", "both"),
                              ("mixed_k128", "model.projector.memory_size", 128),
-                             ("mixed_no_adversarial", "loss.adversarial_weight", 0)):
-        probe, preset = flat(configs[name]), flat(configs["full"])
+                             ("mixed_no_adversarial", "loss.adversarial_weight", 0),
+                             ("mixed_names50", "corpus.ontology_names", 0.5),
+                             ("full", "corpus.ontology_names", 1.0)):
+        probe, preset = flat(configs[name]), flat(configs["mixed_e8"])
         assert {k for k in probe if probe[k] != preset[k]} == {key} and probe[key] == value, name
     shorter = copy.deepcopy(configs["full_e30"])  # the preset before 40 epochs: only the length differs
     assert shorter["train"]["epochs"] == 30 and configs["real_e40"]["train"]["epochs"] == 40
@@ -120,7 +125,7 @@ def test_results_table_runs_resolve_to_the_recipes_the_docs_name():
     previous["model"]["text"]["token_dropout"] = configs["full_e30"]["model"]["text"]["token_dropout"]
     assert previous == configs["full_e30"]
     # every ablation removes one part from its recipe and keeps the rest
-    for recipe, prefix in (("full", "mixed_no_"), ("real_e40", "cpu_no_"), ("full_no_token_dropout", "full_no_"),
+    for recipe, prefix in (("mixed_e8", "mixed_no_"), ("real_e40", "cpu_no_"), ("full_no_token_dropout", "full_no_"),
                            ("full_b64", "no_")):
         removed = {"memory_bank": configs[f"{prefix}memory_bank"]["model"]["projector"]["memory_size"],
                    "second_order": configs[f"{prefix}second_order"]["loss"]["intra_weight"]

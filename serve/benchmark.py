@@ -31,6 +31,7 @@ import time
 from contextlib import asynccontextmanager
 from urllib.parse import quote
 from pathlib import Path
+from types import SimpleNamespace
 
 import aiohttp
 import httpx
@@ -91,9 +92,12 @@ class HttpxSession:
 
     @asynccontextmanager
     async def post(self, path: str, json: dict):
-        response = await self.client.post(path, json=json)
-        response.status = response.status_code
-        yield response
+        response = await self.client.post(path, json=json)  # read whole: read() below only hands it over
+
+        async def read() -> bytes:
+            return response.content
+
+        yield SimpleNamespace(status=response.status_code, headers=response.headers, read=read)
 
 
 async def load(client: aiohttp.ClientSession, path: str, bodies: list[dict], concurrency: int) -> dict:
@@ -107,7 +111,7 @@ async def load(client: aiohttp.ClientSession, path: str, bodies: list[dict], con
             body = queue.pop()
             started = time.perf_counter()
             async with client.post(path, json=body) as response:
-                await response.read() if isinstance(client, aiohttp.ClientSession) else None
+                await response.read()
             latencies.append(time.perf_counter() - started)
             statuses.append(response.status)
             timing = Timings.parse(response.headers.get("server-timing", ""))

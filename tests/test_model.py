@@ -110,6 +110,32 @@ def test_text_state_cache_is_written_once_and_read_back(small_root, tmp_path, mo
     assert all(torch.equal(read_back[t], computed[t]) for t in computed)
 
 
+def test_bf16_text_states_stay_close_to_fp32_and_are_cached_apart(small_root, tmp_path, monkeypatch):
+    """The frozen backbone's one-off run in bf16 (the default where the CPU has AMX): every token's state
+    within cosine 0.999 of fp32's, the model's text embeddings within 0.999 too, and its own cache file."""
+    import tmr.data.sources
+    from tmr.data import MoleculeTextDataset
+    from tmr.train import cached_backbone_states, embed_texts, states_in_bf16
+
+    monkeypatch.setattr(tmr.data.sources, "CACHE", tmp_path)
+    model = create_model(load_config("tiny", ["model.text.trainable_layers=0"]).model)
+    texts = MoleculeTextDataset(small_root / "validation.txt", progress=False).texts[:24]
+    fp32 = cached_backbone_states(model, texts, 48, progress=False, bf16=False)
+    bf16 = cached_backbone_states(model, texts, 48, progress=False, bf16=True)
+    assert len(list((tmp_path / "text_states").glob("*.safetensors"))) == 2  # one file per precision
+    for text in set(texts):
+        assert fp32[text].shape == bf16[text].shape and bf16[text].dtype == torch.float16
+        assert not torch.equal(fp32[text], bf16[text])  # bf16 really ran
+        cosine = torch.nn.functional.cosine_similarity(fp32[text].float(), bf16[text].float(), dim=-1)
+        assert cosine.min() > 0.999, (text, cosine.min())
+    embedded = torch.nn.functional.cosine_similarity(embed_texts(model, texts, fp32), embed_texts(model, texts, bf16))
+    assert embedded.min() > 0.999
+    assert states_in_bf16("fp32", torch.device("cpu")) is False and states_in_bf16("bf16", torch.device("cpu")) is True
+    from tmr.config import check_config
+    with pytest.raises(ValueError, match="text_states_precision"):
+        check_config(load_config("tiny", ["train.text_states_precision=fp16"]))
+
+
 def test_memory_bank_equals_multihead_attention_averaged_over_slots():
     """The projector's cheaper arrangement computes nn.MultiheadAttention's slots, averaged."""
     from tmr.model import MemoryBankProjector

@@ -86,6 +86,9 @@ class TrainConfig:
     bf16: bool = False  # used on GPU only
     max_train_pairs: int | None = None  # subsample the training split (None: all of it)
     cache_text_states: bool = False  # frozen text backbone (trainable_layers=0): run it once, cache its states
+    # that one run's arithmetic: "auto" is bf16 where the hardware multiplies bf16 natively (AMX / AVX512-BF16
+    # CPUs, CUDA) and fp32 elsewhere; bf16 halves a fresh machine's wait (docs/training.md), states stay fp16 on disk
+    text_states_precision: str = "auto"
     recalibrate_batches: int = 16  # training batches that recompute the head's BatchNorm statistics each epoch
     pool_all_every: int = 1  # epochs between validations against the full candidate pool (0: final eval only)
     log_every: int = 20
@@ -287,7 +290,7 @@ CHOICES = {  # every key with a fixed set of values: checked before any worker s
     "model.architecture": ("memory_bank", "dual_encoder"), "model.molecule.kind": ("gine", "gcn_mol2vec"),
     "model.head_norm": ("batch", "layer"), "loss.first_order": ("triplet", "infonce", "both"),
     "loss.second_order_similarity": ("distance", "neg_distance", "cosine"), "train.optimizer": ("adam", "adamw"),
-    "train.schedule": ("linear", "onecycle"),
+    "train.schedule": ("linear", "onecycle"), "train.text_states_precision": ("auto", "bf16", "fp32"),
 }
 
 

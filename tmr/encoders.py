@@ -87,9 +87,10 @@ class TextEncoder(nn.Module):
         return self.norm(self.proj(flat.to(self.proj.weight.dtype))), real[:, 0]
 
     @torch.no_grad()
-    def backbone_states(self, texts: list[str], max_length: int, batch_size: int = 64, progress: bool = False
-                        ) -> dict[str, torch.Tensor]:
-        """text -> its (tokens, hidden) output states in fp16, computed once for a frozen backbone."""
+    def backbone_states(self, texts: list[str], max_length: int, batch_size: int = 64, progress: bool = False,
+                        bf16: bool = False) -> dict[str, torch.Tensor]:
+        """text -> its (tokens, hidden) output states in fp16, computed once for a frozen backbone.
+        `bf16`: the transformer runs under bf16 autocast (tmr.train.states_in_bf16 says when that pays)."""
         if not self.frozen:
             raise ValueError("caching text states needs a frozen text backbone (model.text.trainable_layers=0)")
         from tqdm.auto import tqdm
@@ -103,7 +104,8 @@ class TextEncoder(nn.Module):
             chunk = unique[start:start + batch_size]
             tokens = self.tokenizer(chunk, padding=True, truncation=True, max_length=max_length,
                                     return_tensors="pt").to(device)
-            states = self.backbone(**{k: tokens[k] for k in ("input_ids", "attention_mask")}).last_hidden_state
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                states = self.backbone(**{k: tokens[k] for k in ("input_ids", "attention_mask")}).last_hidden_state
             for text, row, mask in zip(chunk, states, tokens["attention_mask"].bool()):
                 out[text] = row[mask].to(torch.float16).cpu()
         self.backbone.train(was_training)

@@ -154,7 +154,8 @@ def cpu_preset() -> RunConfig:
     derived from ChEBI's ontology for the train split's molecules (`corpus.ontology`, tmr/data/
     ontology.py: 26,312 more pairs, 10x the real ones). With 10x the pairs an epoch costs 10x the
     steps, so the preset trains 8 epochs (1,816 steps of 128, against 840 for 40 epochs of the real
-    pairs alone): 931 s for the main job with warm caches, within 30 minutes with cold ones; over 3
+    pairs alone): 931 s for the main job with warm caches on 2026-12-02's machine, 38.7 minutes from a
+    fresh clone with empty caches on 2026-12-03's slower one (docs/results.md); over 3
     seeds +12.4 / +12.8 select-500 MRR and +10.1 over 33,010 against the real-only recipe
     (docs/results.md). Every derived text ends by naming its entity (`corpus.ontology_names=1`:
     "It is named (2E,11Z)-octadecadienoyl-CoA(4-)."; ChEBI-20's texts never do): the names spell out

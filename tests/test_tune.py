@@ -92,14 +92,15 @@ def test_results_table_runs_resolve_to_the_recipes_the_docs_name():
     real_only = copy.deepcopy(configs["real_e40"])
     assert (real_only["corpus"]["ontology"], real_only["train"]["epochs"]) == (False, 40)
     real_only["corpus"]["ontology"], real_only["train"]["epochs"] = True, configs["full"]["train"]["epochs"]
+    real_only["corpus"]["real_repeat"] = configs["full"]["corpus"]["real_repeat"]
     assert real_only == configs["full"]
-    # the best recipe measured is its own preset, `cpu_long`: the row's configuration but where it writes
-    longer = load_config("cpu_long").to_dict()
-    assert {**configs["mixed_e10_x3"], "output": longer["output"]} == longer
-    assert (longer["train"]["epochs"], longer["corpus"]["real_repeat"]) == (10, 3)
+    # the preset is the measured `names_x3` row: names on every derived text, real pairs 3 times per epoch
+    assert configs["names_x3"] == configs["full"]
+    assert (configs["full"]["corpus"]["ontology_names"], configs["full"]["corpus"]["real_repeat"]) == (1, 3)
     # clip on the same data as the method, the derived corpus alone: one change each
     assert configs["clip_mixed"]["corpus"] == configs["mixed_e8"]["corpus"]
-    assert configs["clip_mixed_names"]["corpus"] == configs["full"]["corpus"]
+    assert configs["clip_mixed_names"]["corpus"] == configs["mixed_names100"]["corpus"]
+    assert configs["clip_names_x3"]["corpus"] == configs["full"]["corpus"]
     assert configs["clip_mixed"]["train"]["epochs"] == configs["full"]["train"]["epochs"]
     assert (configs["derived_only"]["corpus"]["real"], configs["derived_only"]["corpus"]["ontology"]) == (False, True)
     # lever probes on the mixed data: each one key away from the preset
@@ -108,12 +109,11 @@ def test_results_table_runs_resolve_to_the_recipes_the_docs_name():
                 for k, v in (flat(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value}).items()}
 
     # (the rows measured before the names are one key from the pinned preset before them, `mixed_e8`)
-    assert configs["mixed_names100"] == configs["full"] and configs["full"]["corpus"]["ontology_names"] == 1
     for name, key, value in (("mixed_first_order_both", "loss.first_order", "both"),
                              ("mixed_k128", "model.projector.memory_size", 128),
                              ("mixed_no_adversarial", "loss.adversarial_weight", 0),
                              ("mixed_names50", "corpus.ontology_names", 0.5),
-                             ("full", "corpus.ontology_names", 1.0)):
+                             ("mixed_names100", "corpus.ontology_names", 1.0)):
         probe, preset = flat(configs[name]), flat(configs["mixed_e8"])
         assert {k for k in probe if probe[k] != preset[k]} == {key} and probe[key] == value, name
     shorter = copy.deepcopy(configs["full_e30"])  # the preset before 40 epochs: only the length differs

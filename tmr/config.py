@@ -133,34 +133,21 @@ def paper_preset() -> RunConfig:
 
 
 def cpu_preset() -> RunConfig:
-    """The full method (memory bank + second order + adversarial term) on 2 CPU cores, in minutes.
+    """The full method (memory bank + second order + adversarial term) on 2 CPU cores: the main job.
 
-    The MiniLM backbone is frozen and run once per text (its states cached on disk); the token
-    projection, the memory bank, the GINE (with Mol2vec substructure vectors added to its atom
-    inputs) and the shared head are trained. The loss settings are the best trial of
-    `tune/space_cpu.yaml` (README, "Sweeps"): the paper's batch-hard triplet and softmax of
-    +distance, K = 64, second-order weights 0.34 / 0.44 at tau2 0.62. A global batch of 128 over 30
-    epochs (README, "Results": measured against 64 x 12, 64 x 20, 128 x 20 and 256 x 20 at the same
-    seed): the second-order distributions and the batch-hard negatives are over the global batch, a
-    bigger batch gave the best held-out MRR on both pools, and the 33,010-pool MRR was still rising
-    at epoch 20. Token dropout 0.1 on the texts: the model ranks its fit pairs far better than held-out
-    ones (MRR 93 vs 62 within 500; 49 vs 12 over 33,010) and the cached backbone shows it the very
-    same states for a description every epoch; hiding a tenth of each description's tokens raised
-    the held-out MRR on both pools (README, "Results"). 40 epochs rather than 30: with token dropout
-    the held-out MRR kept rising past epoch 30 (best epochs 33-40 of 40); over 3 seeds +1.9 / +1.5
-    on select-500 and +0.4 over 33,010, within the 30-minute budget.
+    The MiniLM backbone is frozen and run once per text (its states cached on disk, bf16 where the
+    CPU multiplies it natively); the token projection, the memory bank, the GINE (Mol2vec
+    substructure vectors added to its atom inputs) and the shared head are trained. Loss settings:
+    the best trial of `tune/space_cpu.yaml` (batch-hard triplet, K = 64, second-order weights
+    0.34 / 0.44 at tau2 0.62); a global batch of 128, since the batch-hard negatives and the
+    second-order distributions are drawn from it; token dropout 0.1 on the cached states.
 
-    Fit data: everything the data root offers, the real fit pairs plus ChEBI-20-style descriptions
-    derived from ChEBI's ontology for the train split's molecules (`corpus.ontology`, tmr/data/
-    ontology.py: 26,312 more pairs, 10x the real ones). With 10x the pairs an epoch costs 10x the
-    steps, so the preset trains 8 epochs (1,816 steps of 128, against 840 for 40 epochs of the real
-    pairs alone): 931 s for the main job with warm caches on 2026-12-02's machine, 38.7 minutes from a
-    fresh clone with empty caches on 2026-12-03's slower one (docs/results.md); over 3
-    seeds +12.4 / +12.8 select-500 MRR and +10.1 over 33,010 against the real-only recipe
-    (docs/results.md). Every derived text ends by naming its entity (`corpus.ontology_names=1`:
-    "It is named (2E,11Z)-octadecadienoyl-CoA(4-)."; ChEBI-20's texts never do): the names spell out
-    structure the relations only classify; at the same steps, seed 42, +4.4 / +2.9 select-500 MRR and
-    +1.9 over 33,010 (docs/results.md, "Names").
+    Fit data: everything the data root offers, the 2,801 real fit pairs plus 26,312 ChEBI-20-style
+    descriptions derived from ChEBI's ontology for the train split's molecules (`corpus.ontology`),
+    each ending by naming its entity (`corpus.ontology_names=1`), the real pairs three times per
+    epoch (`corpus.real_repeat=3`: their share of each batch); 8 epochs, 2,168 steps of 128. Over 3
+    seeds: select-500 MRR 80.5 / 80.6, over all 33,010 ChEBI-20 molecules H@1 14.1, MRR 25.4. Every
+    step of how it got here, measured, is in docs/results.md (run `names_x3` of tune/runs_cpu.yaml).
     """
     return RunConfig(
         model=ModelConfig(
@@ -172,21 +159,9 @@ def cpu_preset() -> RunConfig:
                         tau2=0.62),
         train=TrainConfig(epochs=8, batch_size=128, lr=2e-3, text_lr=1e-4, warmup_steps=100, cache_text_states=True,
                           pool_all_every=0),
-        corpus=CorpusConfig(real=True, ontology=True, ontology_names=1.0),
+        corpus=CorpusConfig(real=True, ontology=True, ontology_names=1.0, real_repeat=3),
         output="runs/cpu",
     )
-
-
-def cpu_long_preset() -> RunConfig:
-    """The best recipe measured on 2 cores, past the main job's 30 minutes: `cpu` with the 2,801
-    real pairs three times per epoch (`corpus.real_repeat=3`: their share of each batch) and 10
-    epochs (2,710 steps of 128, 1.5x `cpu`'s at the same cost per step). Over 3 seeds +3.4 / +3.6
-    select-500 MRR and +2.1 over 33,010 against `cpu`; its main job took 38.8 minutes on a machine
-    where `cpu`'s took about 26 (docs/results.md)."""
-    config = cpu_preset()
-    config.train.epochs, config.corpus.real_repeat, config.output = 10, 3, "runs/cpu_long"
-    config.corpus.ontology_names = 0.0  # as measured (before the names); the two together are not measured yet
-    return config
 
 
 def tiny_preset() -> RunConfig:
@@ -220,8 +195,7 @@ def clip_preset() -> RunConfig:
     )
 
 
-PRESETS = {"paper": paper_preset, "cpu": cpu_preset, "cpu_long": cpu_long_preset, "clip": clip_preset,
-           "tiny": tiny_preset}
+PRESETS = {"paper": paper_preset, "cpu": cpu_preset, "clip": clip_preset, "tiny": tiny_preset}
 
 
 def _coerce(value: Any, hint: Any) -> Any:

@@ -9,6 +9,7 @@ import threading
 import time
 from collections import OrderedDict, deque
 from contextlib import contextmanager
+from contextvars import ContextVar
 from pathlib import Path
 
 import numpy as np
@@ -194,7 +195,11 @@ class QueryBatcher:
         with self.ready:
             self.waiting.append((text, future, loop))
             self.ready.notify()
-        return await future
+        vector, forward_ms = await future
+        timings = REQUEST_TIMINGS.get()
+        if timings is not None:  # the forward apart from the wait for a worker and the thread hops around it
+            timings.add("forward", forward_ms)
+        return vector
 
     def _take(self) -> list[tuple]:
         with self.ready:
@@ -214,8 +219,11 @@ class QueryBatcher:
     def _work(self) -> None:
         while True:
             batch = self._take()
+            started = time.perf_counter()
             try:
-                outcomes = [(True, vector) for vector in np.asarray(self.encode([text for text, _, _ in batch]))]
+                vectors = np.asarray(self.encode([text for text, _, _ in batch]))
+                forward_ms = 1000 * (time.perf_counter() - started)
+                outcomes = [(True, (vector, forward_ms)) for vector in vectors]
             except Exception as error:  # noqa: BLE001: handed to the waiting requests, whatever it is
                 outcomes = [(False, error)] * len(batch)
             self.batches, self.queries = self.batches + 1, self.queries + len(batch)
@@ -224,6 +232,10 @@ class QueryBatcher:
 
     def stats(self) -> dict:
         return {"batches": self.batches, "queries": self.queries}
+
+
+# the Timings of the request being handled, for stages timed below the handler (the batcher's forward)
+REQUEST_TIMINGS: ContextVar["Timings | None"] = ContextVar("request_timings", default=None)
 
 
 def _settle(future: asyncio.Future, ok: bool, value) -> None:
@@ -237,6 +249,9 @@ class Timings:
 
     def __init__(self):
         self.started, self.stages = time.perf_counter(), {}
+
+    def add(self, name: str, ms: float) -> None:
+        self.stages[name] = self.stages.get(name, 0.0) + ms
 
     @contextmanager
     def stage(self, name: str):

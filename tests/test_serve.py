@@ -154,15 +154,17 @@ def test_concurrent_misses_of_one_query_are_encoded_once():
 def test_concurrent_text_queries_share_forwards_of_similar_length_and_each_gets_its_own_vector():
     """The ingress's QueryBatcher: a lone query runs at once; the queries that arrive during a forward
     share the next one, short with short (padding), and a text over max_chars runs alone; each
-    caller gets its own text's vector; a failed forward fails its own queries only."""
+    caller gets its own text's vector; a failed forward fails its own queries only; the forward's
+    time reaches the request's Server-Timing."""
     import asyncio
     import threading
+    import time
 
-    from serve.requests import QueryBatcher
+    from serve.requests import REQUEST_TIMINGS, QueryBatcher, Timings
 
     rng = np.random.default_rng(0)
     shorts, longs = [f"short {i}" for i in range(6)], [f"a much longer description, number {i}" for i in range(3)]
-    vectors = {text: rng.normal(size=4) for text in ["first", *shorts, *longs, "fine"]}
+    vectors = {text: rng.normal(size=4) for text in ["first", *shorts, *longs, "fine", "slow"]}
     release, batches = threading.Event(), []
 
     def encode(texts):
@@ -171,6 +173,8 @@ def test_concurrent_text_queries_share_forwards_of_similar_length_and_each_gets_
             release.wait(10)  # busy: the next queries queue up behind it
         if "boom" in texts:
             raise RuntimeError("encoder failed")
+        if texts == ["slow"]:
+            time.sleep(0.05)
         return np.stack([vectors[t] for t in texts])
 
     async def scenario():
@@ -189,6 +193,10 @@ def test_concurrent_text_queries_share_forwards_of_similar_length_and_each_gets_
         with pytest.raises(RuntimeError, match="encoder failed"):
             await batcher("boom")
         assert np.array_equal(await batcher("fine"), vectors["fine"])
+        timings = Timings()
+        REQUEST_TIMINGS.set(timings)
+        assert np.array_equal(await batcher("slow"), vectors["slow"])
+        assert 50 <= timings.stages["forward"] < 1000
 
     asyncio.run(scenario())
 

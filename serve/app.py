@@ -35,7 +35,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from pydantic import ValidationError
 from ray import serve
 
-from serve.requests import (REQUEST_TIMINGS, STATIC, STATIC_TYPES, BodyLimit, EmbedRequest, Filters, MoleculeQuery,
+from serve.requests import (STATIC, STATIC_TYPES, BodyLimit, EmbedRequest, Filters, MoleculeQuery,
                             QueryBatcher, QueryCache, TextQuery, Timings, parse_or_422, query_from_params,
                             query_structure, static_file)
 
@@ -234,7 +234,7 @@ class Ingress:
 
     async def _answer(self, mode: str, query, timings: Timings | None = None) -> dict:
         timings = timings or Timings()
-        REQUEST_TIMINGS.set(timings)  # this request's task (and the encoding it starts) reports into it
+        timings.activate()  # this request's task (and the encoding it starts) reports into it
         if mode == "text":
             with timings.stage("encode"):
                 vector = await self.query_cache.get(("text", query.text), lambda: self._encode("text", query.text))

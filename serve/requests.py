@@ -253,6 +253,12 @@ class Timings:
     def add(self, name: str, ms: float) -> None:
         self.stages[name] = self.stages.get(name, 0.0) + ms
 
+    def activate(self) -> None:
+        """Stages timed below the handler (the batcher's forward) report here, for this task and the
+        tasks it starts. (A method rather than the ContextVar itself in serve/app.py: Serve pickles
+        the ingress with the globals it names, and a ContextVar cannot be pickled.)"""
+        REQUEST_TIMINGS.set(self)
+
     @contextmanager
     def stage(self, name: str):
         started = time.perf_counter()

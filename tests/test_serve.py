@@ -160,7 +160,7 @@ def test_concurrent_text_queries_share_forwards_of_similar_length_and_each_gets_
     import threading
     import time
 
-    from serve.requests import REQUEST_TIMINGS, QueryBatcher, Timings
+    from serve.requests import QueryBatcher, Timings
 
     rng = np.random.default_rng(0)
     shorts, longs = [f"short {i}" for i in range(6)], [f"a much longer description, number {i}" for i in range(3)]
@@ -194,7 +194,7 @@ def test_concurrent_text_queries_share_forwards_of_similar_length_and_each_gets_
             await batcher("boom")
         assert np.array_equal(await batcher("fine"), vectors["fine"])
         timings = Timings()
-        REQUEST_TIMINGS.set(timings)
+        timings.activate()
         assert np.array_equal(await batcher("slow"), vectors["slow"])
         assert 50 <= timings.stages["forward"] < 1000
 

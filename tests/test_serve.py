@@ -33,8 +33,9 @@ def test_text_search_equals_the_library(served):
     from serve.requests import Timings
 
     stages = Timings.parse(response.headers["server-timing"])
-    assert set(stages) == {"encode", "search", "decorate", "handler"}
+    assert set(stages) == {"forward", "encode", "search", "decorate", "handler"}
     assert all(0 < ms for ms in stages.values()) and stages["encode"] + stages["search"] + stages["decorate"] <= stages["handler"]
+    assert stages["forward"] <= stages["encode"]  # the batcher's forward is inside the encode stage that waits for it
 
 
 def test_molecule_search_and_describe_equal_the_library(served):

@@ -23,7 +23,7 @@ from tmr.distributed import init_ray, train_with_ray
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default="cpu", help="preset (paper, cpu, tiny) or YAML file")
+    parser.add_argument("--config", default="cpu", help="preset (paper, cpu, clip, tiny) or YAML file")
     parser.add_argument("--data", help="data root holding {train,validation,test}.txt")
     parser.add_argument("--workers", type=int, help="Ray Train workers (overrides train.num_workers)")
     parser.add_argument("--gpu", action="store_true", help="one GPU per worker, nccl (overrides train.use_gpu)")

@@ -265,7 +265,7 @@ class Timings:
         try:
             yield
         finally:
-            self.stages[name] = self.stages.get(name, 0.0) + 1000 * (time.perf_counter() - started)
+            self.add(name, 1000 * (time.perf_counter() - started))
 
     def header(self) -> str:
         total = 1000 * (time.perf_counter() - self.started)

@@ -41,6 +41,18 @@ from serve.requests import (STATIC, STATIC_TYPES, BodyLimit, EmbedRequest, Filte
 
 # Ray Serve's high-throughput mode (Ray's "Enable High Throughput on Ray Serve"); read when Ray starts
 SERVE_ENV = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_HA_PROXY": "1"}
+# Threads per replica, set explicitly: torch and ONNX Runtime take them as arguments; every other OpenMP
+# user in a replica (faiss) reads OMP_NUM_THREADS, which Ray sets for no replica with a fractional CPU,
+# so without it each would start a team the size of the machine beside them (docs/serving.md).
+REPLICA_THREADS = int(os.environ.get("TMR_SERVE_THREADS", "1"))
+REPLICA_ENV = {"OMP_NUM_THREADS": str(REPLICA_THREADS), "TMR_SERVE_THREADS": str(REPLICA_THREADS)}
+
+
+def replica_options(num_cpus: float) -> dict:
+    """A deployment's ray_actor_options: its CPU share and the thread settings above."""
+    return {"num_cpus": num_cpus, "runtime_env": {"env_vars": REPLICA_ENV}}
+
+
 MAX_BODY_BYTES = 64 * 1024
 MAX_LOOKED_AT = 20_000  # candidates a filtered search may examine before it reports how many passed
 WARM_UP_DESCRIPTION = ("The molecule is a monocarboxylic acid that is propanoic acid in which one of the hydrogens at "
@@ -58,10 +70,9 @@ class QueryEncoder:
         from tmr.fast_text import text_encoder_for
         from tmr.model import from_pretrained
 
-        threads = int(os.environ.get("TMR_SERVE_THREADS", "1"))
-        torch.set_num_threads(threads)
+        torch.set_num_threads(REPLICA_THREADS)
         self.model = from_pretrained(model_dir)
-        self.text, self.engine = text_encoder_for(self.model, model_dir, threads)
+        self.text, self.engine = text_encoder_for(self.model, model_dir, REPLICA_THREADS)
         # warm up before the replica reports healthy: the first calls pay for lazy init and kernel selection,
         # at a short and a ChEBI-length query (and the batch shapes concurrent queries make)
         for texts in (["The molecule is a monocarboxylic acid."], [WARM_UP_DESCRIPTION] * 4):
@@ -75,7 +86,7 @@ class QueryEncoder:
 
 
 # max_ongoing_requests above the batch size, or requests wait in the router instead of in a batch
-@serve.deployment(ray_actor_options={"num_cpus": 0.5}, max_ongoing_requests=64,
+@serve.deployment(ray_actor_options=replica_options(0.5), max_ongoing_requests=64,
                   autoscaling_config={"min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 8})
 class Encoder:
     """The encoders as a deployment: concurrent requests are batched (`@serve.batch`). Searches encode
@@ -122,7 +133,7 @@ class ShardIndex:
         return {"rows": len(self.index), "node": ray.get_runtime_context().get_node_id()}
 
 
-@serve.deployment(ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=64,
+@serve.deployment(ray_actor_options=replica_options(0.25), max_ongoing_requests=64,
                   autoscaling_config={"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 16})
 class IndexShard(ShardIndex):
     """A shard as its own deployment: a library split over N shards (or `search_in_ingress=false`)."""
@@ -149,7 +160,7 @@ async def idempotent(method, *args):
         return await method.remote(*args)
 
 
-@serve.deployment(ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=128)
+@serve.deployment(ray_actor_options=replica_options(0.25), max_ongoing_requests=128)
 @serve.ingress(api)
 class Ingress:
     def __init__(self, encoder, molecule_shards: list, text_shards: list, info: dict, model_dir: str | None = None,
@@ -326,13 +337,16 @@ class Ingress:
 
     @api.get("/info")
     async def info(self) -> dict:
-        """The deployment: model, libraries, and where each molecule shard runs (rows, Ray node)."""
+        """The deployment: model, libraries, where each molecule shard runs (rows, Ray node), this replica's threads."""
+        import torch
+
         in_ingress = [isinstance(shard, ShardIndex) for shard in self.molecule_shards]
         shards = await asyncio.gather(*[asyncio.to_thread(shard.placement) if local else shard.placement.remote()
                                         for shard, local in zip(self.molecule_shards, in_ingress)])
         return {**self.info_, "molecule_shards": shards, "query_cache": self.query_cache.stats(),
                 "text_engine": self.local.engine if self.local else await self.encoder.engine.remote(),
                 "encode_in_ingress": self.local is not None, "search_in_ingress": all(in_ingress),
+                "threads": {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"), "torch": torch.get_num_threads()},
                 "text_batches": self.text_batcher.stats() if self.text_batcher else None}
 
 

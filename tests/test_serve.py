@@ -94,6 +94,8 @@ def test_malformed_json_health_info_and_embed(served):
     assert info["molecules"]["count"] == 120 and info["texts"] == 120 and info["dim"] == 64
     # one shard is searched in the ingress (no hop), four are their own deployments
     assert info["search_in_ingress"] and [s["rows"] for s in info["molecule_shards"]] == [120]
+    # threads set explicitly in the replica (Ray sets no OMP_NUM_THREADS for a fractional CPU)
+    assert info["threads"] == {"OMP_NUM_THREADS": "1", "torch": 1}
     sharded = client.get("/sharded/info").json()
     assert not sharded["search_in_ingress"] and [s["rows"] for s in sharded["molecule_shards"]] == [30] * 4
     embedded = client.post("/embed", json={"texts": [QUERY], "smiles": ["CCO"]}).json()

@@ -31,6 +31,7 @@ def test_tiny_sweep_is_interrupted_resumed_stops_early_and_writes_results(tmp_pa
         "base": "tiny", "data": str(train_root), "metric": "val_mrr", "trials": 4, "cpus_per_trial": 1,
         "overrides": ["train.epochs=3", "train.max_train_pairs=32", "train.batch_size=16"],
         "asha": {"grace_period": 1, "reduction_factor": 2},
+        "start_from": [{"model.projector.memory_size": 4, "train.lr": 1e-3}],  # a reference configuration, tried first
         "space": {"model.projector.memory_size": {"choice": [0, 4, 8]}, "train.lr": {"loguniform": [1e-6, 3e-3]}},
     }))
     out = tmp_path / "sweep"
@@ -73,6 +74,8 @@ def test_tiny_sweep_is_interrupted_resumed_stops_early_and_writes_results(tmp_pa
     with open(out / "trials.csv") as handle:
         table = list(csv.DictReader(handle))
     assert len(table) == 4 and {"model.projector.memory_size", "train.lr", "best_val_mrr", "epochs"} <= set(table[0])
+    assert {"model.projector.memory_size": 4, "train.lr": 1e-3} in [
+        {k: r[k] for k in ("model.projector.memory_size", "train.lr")} for r in rows]
     assert resumed["best_val_mrr"] == max(r["best_val_mrr"] for r in rows)
     model = from_pretrained(out / "best_model")
     assert model.config.projector.memory_size == resumed["best_params"]["model.projector.memory_size"]
@@ -173,3 +176,19 @@ def test_an_interrupted_comparison_resumes_keeping_its_finished_trials(tmp_path,
     kept_row = next(t for t in table["trials"] if t["seed"] == kept["config"]["seed"])
     assert kept_row["split.text_to_molecule.mrr"] == kept["split.text_to_molecule.mrr"]
     assert "--resume" not in table["command"]
+
+
+def test_the_mixed_sweep_starts_from_the_preset():
+    """tune/space_mixed.yaml's first trial is the `cpu` preset's own values: the sweep's reference."""
+    from tmr.config import load_config
+
+    spec = yaml.safe_load((ROOT / "tune/space_mixed.yaml").read_text())
+    preset = load_config(spec["base"]).to_dict()
+    (start,) = spec["start_from"]
+    assert set(start) == set(spec["space"])
+    for key, value in start.items():
+        section, *path = key.split(".")
+        node = preset[section]
+        for part in path:
+            node = node[part]
+        assert node == value, key

@@ -125,7 +125,8 @@ def sweep(space_file: str, out: str, trials: int | None = None, resume: bool = F
             param_space=search_space(spec["space"]),
             tune_config=tune.TuneConfig(
                 metric=metric, mode="max", num_samples=trials or spec.get("trials", 8),
-                search_alg=OptunaSearch(seed=spec.get("seed", 0)),
+                # `start_from`: configurations tried first (the preset's own values: the sweep's reference)
+                search_alg=OptunaSearch(seed=spec.get("seed", 0), points_to_evaluate=spec.get("start_from")),
                 scheduler=ASHAScheduler(time_attr="epoch", max_t=max_epochs, **spec.get("asha", {})),
                 max_concurrent_trials=concurrency or max(1, cpus // threads)),
             run_config=tune.RunConfig(name="tune", storage_path=str(out_dir),

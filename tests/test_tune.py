@@ -119,6 +119,10 @@ def test_results_table_runs_resolve_to_the_recipes_the_docs_name():
                              ("mixed_names100", "corpus.ontology_names", 1.0)):
         probe, preset = flat(configs[name]), flat(configs["mixed_e8"])
         assert {k for k in probe if probe[k] != preset[k]} == {key} and probe[key] == value, name
+    # the sweep's winner on the preset's data: the preset with the five swept keys changed, nothing else
+    swept = yaml.safe_load((ROOT / "tune/space_mixed.yaml").read_text())["space"]
+    probe, preset = flat(configs["sweep_mixed_best"]), flat(configs["full"])
+    assert {k for k in probe if probe[k] != preset[k]} == set(swept)
     shorter = copy.deepcopy(configs["full_e30"])  # the preset before 40 epochs: only the length differs
     assert shorter["train"]["epochs"] == 30 and configs["real_e40"]["train"]["epochs"] == 40
     shorter["train"]["epochs"] = 40

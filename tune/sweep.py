@@ -82,17 +82,22 @@ def plot(rows: list[dict], space_keys: list[str], max_epochs: int, path: Path) -
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from matplotlib.ticker import NullFormatter
+
     done = [r for r in rows if r["best_val_mrr"] is not None]
-    fig, axes = plt.subplots(1, len(space_keys) + 1, figsize=(3.2 * (len(space_keys) + 1), 3.2))
+    fig, axes = plt.subplots(1, len(space_keys) + 1, figsize=(3.2 * (len(space_keys) + 1), 3.4))
     for ax, key in zip(axes, space_keys):
         ax.scatter([r[key] for r in done], [r["best_val_mrr"] for r in done],
                    c=["tab:blue" if r["epochs"] >= max_epochs else "tab:red" for r in done])
         if key != "model.projector.memory_size" and all(isinstance(r[key], float) for r in done):
             ax.set_xscale("log")
+            ax.xaxis.set_minor_formatter(NullFormatter())  # the minor ticks' labels overlap on a short decade
         ax.set(xlabel=key.split(".")[-1], ylabel="best val MRR (%)")
     for r in done:
-        axes[-1].plot(range(1, len(r["curve"]) + 1), r["curve"], color="tab:blue" if r["epochs"] >= max_epochs else "tab:red")
-    axes[-1].set(xlabel="epoch", ylabel="val MRR (%)", title="trials (red: stopped before the last epoch)")
+        axes[-1].plot(range(1, len(r["curve"]) + 1), r["curve"], "o-", markersize=4,
+                      color="tab:blue" if r["epochs"] >= max_epochs else "tab:red")
+    axes[-1].set(xlabel="epoch", ylabel="val MRR (%)")
+    fig.suptitle("each trial's best validation MRR (blue: ran every epoch; red: ASHA stopped it)", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

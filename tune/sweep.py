@@ -81,7 +81,6 @@ def plot(rows: list[dict], space_keys: list[str], max_epochs: int, path: Path) -
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
     from matplotlib.ticker import NullFormatter
 
     done = [r for r in rows if r["best_val_mrr"] is not None]

@@ -21,6 +21,12 @@ sys.path.insert(0, str(ROOT / "tune"))
 from sweep import sweep  # noqa: E402
 
 
+def flat(tree: dict, prefix: str = "") -> dict:
+    """A nested config dict as {"section.key": value}: the dotted keys the sweep and runs files use."""
+    return {k: v for key, value in tree.items()
+            for k, v in (flat(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value}).items()}
+
+
 def results_reported(out: Path) -> int:
     return sum(1 for f in (out / "tune").glob("*/result.json") if f.stat().st_size > 0)
 
@@ -107,10 +113,6 @@ def test_results_table_runs_resolve_to_the_recipes_the_docs_name():
     assert configs["clip_mixed"]["train"]["epochs"] == configs["full"]["train"]["epochs"]
     assert (configs["derived_only"]["corpus"]["real"], configs["derived_only"]["corpus"]["ontology"]) == (False, True)
     # lever probes on the mixed data: each one key away from the preset
-    def flat(tree: dict, prefix: str = "") -> dict:
-        return {k: v for key, value in tree.items()
-                for k, v in (flat(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value}).items()}
-
     # (the rows measured before the names are one key from the pinned preset before them, `mixed_e8`)
     for name, key, value in (("mixed_first_order_both", "loss.first_order", "both"),
                              ("mixed_k128", "model.projector.memory_size", 128),
@@ -187,12 +189,7 @@ def test_the_mixed_sweep_starts_from_the_preset():
     from tmr.config import load_config
 
     spec = yaml.safe_load((ROOT / "tune/space_mixed.yaml").read_text())
-    preset = load_config(spec["base"]).to_dict()
+    preset = flat(load_config(spec["base"]).to_dict())
     (start,) = spec["start_from"]
     assert set(start) == set(spec["space"])
-    for key, value in start.items():
-        section, *path = key.split(".")
-        node = preset[section]
-        for part in path:
-            node = node[part]
-        assert node == value, key
+    assert {key: preset[key] for key in start} == start

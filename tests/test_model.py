@@ -35,6 +35,23 @@ def test_save_load_round_trip_gives_identical_embeddings(tmp_path, overrides, ch
     assert json.loads((tmp_path / "model/config.json").read_text())["tmr_model"]["molecule"]["kind"] == config.model.molecule.kind
 
 
+def test_encoding_runs_in_eval_mode_whatever_mode_the_model_was_left_in():
+    """encode_* skip eval() when nothing trains (tmr.model.TMRModel.ensure_eval): a submodule left
+    training alone (here the head's BatchNorm, which would use the batch's own statistics) still counts."""
+    model = create_model(load_config("tiny").model)
+    with torch.no_grad():  # running statistics away from the batch statistics of two texts
+        model.train()
+        model.head(torch.randn(32, 64) + 2.0, 0)
+        model.head(torch.randn(32, 64) - 2.0, 1)
+    model.eval()
+    text, molecule = model.encode_text(TEXTS), model.encode_molecule(SMILES)
+    for left_training in (model.head, model):
+        left_training.train()
+        assert torch.equal(model.encode_text(TEXTS), text)
+        left_training.train()
+        assert torch.equal(model.encode_molecule(SMILES), molecule)
+
+
 def test_save_replaces_an_existing_directory(tmp_path):
     model = create_model(load_config("tiny").model)
     model.save_pretrained(tmp_path / "best")

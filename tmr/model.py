@@ -313,11 +313,18 @@ class TMRModel(nn.Module):
     def device(self) -> torch.device:
         return next(self.parameters()).device
 
+    def ensure_eval(self) -> None:
+        """eval() when any module is still training. Why not eval() every call: it sets the flag on all
+        ~190 modules, 0.95 ms per call on 2026-12-03's 2-core machine, a tenth of a short query's encode;
+        reading the flags costs 0.27 ms."""
+        if any(module.training for module in self.modules()):
+            self.eval()
+
     @torch.no_grad()
     def encode_text(self, texts: list[str], batch_size: int = 64, backbone=None) -> torch.Tensor:
         """Texts -> (N, D) unit-norm embeddings (eval mode). `backbone(input_ids, attention_mask)`, when
         given, computes the transformer's states instead of the model's own (tmr.fast_text's engine)."""
-        self.eval()
+        self.ensure_eval()
         order = sorted(range(len(texts)), key=lambda i: len(texts[i]))  # similar lengths together: less padding
         out = []
         for start in range(0, len(texts), batch_size):
@@ -345,7 +352,7 @@ class TMRModel(nn.Module):
     @torch.no_grad()
     def encode_batch(self, graphs: Batch) -> torch.Tensor:
         """One PyG Batch of molecules -> (num_graphs, D) unit-norm embeddings (eval mode)."""
-        self.eval()
+        self.ensure_eval()
         return self.forward_molecule(graphs.to(self.device))[0].float().cpu()
 
     def encode_molecule(self, smiles: list[str], batch_size: int = 256) -> torch.Tensor:

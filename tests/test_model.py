@@ -127,6 +127,26 @@ def test_text_state_cache_is_written_once_and_read_back(small_root, tmp_path, mo
     assert all(torch.equal(read_back[t], computed[t]) for t in computed)
 
 
+def test_prepared_caches_leave_every_seed_nothing_to_compute(small_root, tmp_path, monkeypatch):
+    """tmr.train.prepare_caches, what tune/compare.py and tune/sweep.py run on every core before their
+    one-CPU trials: afterwards a trial of another seed reads every text's states from disk."""
+    import tmr.data.sources
+    from tmr.data import load_splits
+    from tmr.train import make_collator, prepare_caches
+
+    monkeypatch.setattr(tmr.data.sources, "CACHE", tmp_path)
+    config = load_config("tiny", ["model.text.trainable_layers=0", "train.cache_text_states=true", f"data={small_root}"])
+    prepare_caches(config, progress=False)
+    assert len(list((tmp_path / "text_states").glob("*.safetensors"))) == 1
+    model = create_model(config.model)
+    def recompute(*args, **kwargs):
+        raise AssertionError("the backbone ran in the trial: prepare_caches did not fill its cache")
+    monkeypatch.setattr(model.text_encoder, "backbone_states", recompute)
+    splits = load_splits(small_root, seed=config.train.seed + 1, corpus=config.corpus)  # a trial of another seed
+    states = make_collator(model, config, splits, progress=False).text_states
+    assert set(states) == {text for d in splits.pool + splits.fit_sources for text in d.texts}
+
+
 def test_bf16_text_states_stay_close_to_fp32_and_are_cached_apart(small_root, tmp_path, monkeypatch):
     """The frozen backbone's one-off run in bf16 (the default where the CPU has AMX): every token's state
     within cosine 0.999 of fp32's, the model's text embeddings within 0.999 too, and its own cache file."""

@@ -120,6 +120,19 @@ def make_collator(model: TMRModel, config: RunConfig, splits: Splits, progress: 
     return PairCollator(model.tokenizer, config.model.text.max_length, states)
 
 
+def prepare_caches(config: RunConfig, progress: bool = True) -> None:
+    """Fill what a run reads from tmr's cache before its first step: the ontology corpus, the featurised
+    graphs and, with train.cache_text_states, the frozen backbone's states of every text.
+
+    Why: a comparison or sweep runs one-CPU trials side by side; left to them, the first trial does this
+    on one thread while the others wait on its lock (the text states alone: 20+ minutes in fp32 on
+    2026-12-03's 2-core machine). Called once in the driver, it runs on every core of the machine."""
+    splits = load_splits(resolve_data_root(config.data), max_train_pairs=config.train.max_train_pairs,
+                         seed=config.train.seed, corpus=config.corpus, progress=progress)
+    if config.train.cache_text_states:
+        make_collator(create_model(config.model), config, splits, progress)
+
+
 def states_in_bf16(precision: str, device: torch.device) -> bool:
     """Whether the frozen backbone's one-off run uses bf16: asked for, or "auto" on hardware that multiplies
     bf16 natively (AMX or AVX512-BF16 CPUs, CUDA). Elsewhere bf16 is emulated and slower than fp32.

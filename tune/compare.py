@@ -19,6 +19,7 @@ import json
 import os
 import statistics
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 import yaml
@@ -27,6 +28,7 @@ from ray import tune
 from tmr.config import RunConfig, load_config
 from tmr.data.sources import input_overrides
 from tmr.distributed import init_ray
+from tmr.train import prepare_caches
 
 # (key in the flattened metrics, column title); "split" = the select set's own pool, "all" = Text2Mol's pool
 COLUMNS = [
@@ -70,6 +72,21 @@ def run_one(params: dict, runs: dict, data: str, threads: int, inputs: dict | No
     metrics = flatten(result["validation"])
     metrics.update(best_epoch=result["best_epoch"], seconds=time.time() - started)
     tune.report(metrics)
+
+
+def prepare(runs: dict, data: str, inputs: dict) -> None:
+    """The caches every run reads (corpora, graphs, text states), filled here on all of the machine's
+    cores before the one-CPU trials start (tmr.train.prepare_caches); once per distinct data and text
+    model, so runs that differ only in training settings share one pass."""
+    done = set()
+    for name, spec in runs.items():
+        config = run_config(spec, inputs.get(name, []))
+        config.data = data
+        key = json.dumps([asdict(config.corpus), asdict(config.model.text), config.train.max_train_pairs,
+                          config.train.cache_text_states, config.train.text_states_precision], sort_keys=True, default=str)
+        if key not in done:
+            done.add(key)
+            prepare_caches(config)
 
 
 def summarise(rows: list[dict]) -> dict:
@@ -122,6 +139,7 @@ def compare(runs_file: str, seeds: list[int], out: str, only: list[str] | None =
     data = next(iter(resolved.values()))[0].split("=", 1)[1]
     inputs = {name: overrides[1:] for name, overrides in resolved.items()}
     out_dir = Path(out).resolve()
+    prepare(runs, data, inputs)
     trainable = tune.with_resources(tune.with_parameters(run_one, runs=runs, data=data, threads=threads,
                                                          inputs=inputs), {"cpu": threads})
     # the grid and each run's resolved configuration: a resumed table must be of one recipe per row

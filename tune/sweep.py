@@ -26,6 +26,7 @@ from tmr.atomic import atomic_directory
 from tmr.config import load_config
 from tmr.data.sources import input_overrides
 from tmr.distributed import evaluate_model, init_ray
+from tmr.train import prepare_caches
 
 DISTRIBUTIONS = {"choice": tune.choice, "uniform": lambda b: tune.uniform(*b), "loguniform": lambda b: tune.loguniform(*b),
                  "randint": lambda b: tune.randint(*b)}
@@ -117,6 +118,11 @@ def sweep(space_file: str, out: str, trials: int | None = None, resume: bool = F
     data, overrides = inputs[0].split("=", 1)[1], overrides + inputs[1:]
     threads = int(spec.get("cpus_per_trial", 1))
     out_dir = Path(out).resolve()
+    # corpora, graphs and text states on all cores before the trials (tmr.train.prepare_caches): the
+    # base's; a space over corpus.* or model.text.* keys leaves its other variants to the trials
+    base_config = load_config(base, overrides)
+    base_config.data = data
+    prepare_caches(base_config)
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, base=base, overrides=overrides, data=data, threads=threads), {"cpu": threads})
     experiment = out_dir / "tune"

@@ -97,20 +97,22 @@ def test_results_table_runs_resolve_to_the_recipes_the_docs_name():
     configs = {name: run_config(spec).to_dict() for name, spec in runs.items()}
     assert configs["full"] == load_config("cpu").to_dict()
     assert configs["full"]["corpus"]["real"] and configs["full"]["corpus"]["ontology"]  # everything the root offers
-    # the preset before the derived corpus: real pairs only, 40 epochs; nothing else differs
+    # the preset before the derived corpus: real pairs only, 40 epochs; nothing else differs from the
+    # preset of 2026-12-03's day (`names_x3`)
     real_only = copy.deepcopy(configs["real_e40"])
     assert (real_only["corpus"]["ontology"], real_only["train"]["epochs"]) == (False, 40)
-    real_only["corpus"]["ontology"], real_only["train"]["epochs"] = True, configs["full"]["train"]["epochs"]
-    real_only["corpus"]["real_repeat"] = configs["full"]["corpus"]["real_repeat"]
-    assert real_only == configs["full"]
-    # the preset is the measured `names_x3` row: names on every derived text, real pairs 3 times per epoch
-    assert configs["names_x3"] == configs["full"]
+    real_only["corpus"]["ontology"], real_only["train"]["epochs"] = True, configs["names_x3"]["train"]["epochs"]
+    real_only["corpus"]["real_repeat"] = configs["names_x3"]["corpus"]["real_repeat"]
+    assert real_only == configs["names_x3"]
+    # the preset is the measured `sweep_best_e6` row: names on every derived text, real pairs 3 times per
+    # epoch, the sweep's winner over 6 epochs
+    assert configs["sweep_best_e6"] == configs["full"]
     assert (configs["full"]["corpus"]["ontology_names"], configs["full"]["corpus"]["real_repeat"]) == (1, 3)
     # clip on the same data as the method, the derived corpus alone: one change each
     assert configs["clip_mixed"]["corpus"] == configs["mixed_e8"]["corpus"]
     assert configs["clip_mixed_names"]["corpus"] == configs["mixed_names100"]["corpus"]
     assert configs["clip_names_x3"]["corpus"] == configs["full"]["corpus"]
-    assert configs["clip_mixed"]["train"]["epochs"] == configs["full"]["train"]["epochs"]
+    assert configs["clip_mixed"]["train"]["epochs"] == configs["names_x3"]["train"]["epochs"]
     assert (configs["derived_only"]["corpus"]["real"], configs["derived_only"]["corpus"]["ontology"]) == (False, True)
     # lever probes on the mixed data: each one key away from the preset
     # (the rows measured before the names are one key from the pinned preset before them, `mixed_e8`)
@@ -121,10 +123,13 @@ def test_results_table_runs_resolve_to_the_recipes_the_docs_name():
                              ("mixed_names100", "corpus.ontology_names", 1.0)):
         probe, preset = flat(configs[name]), flat(configs["mixed_e8"])
         assert {k for k in probe if probe[k] != preset[k]} == {key} and probe[key] == value, name
-    # the sweep's winner on the preset's data: the preset with the five swept keys changed, nothing else
+    # the sweep's winner on the preset's data: the preset it ran on (`names_x3`) with the five swept keys
+    # changed, nothing else; the preset now is that winner in 6 epochs instead of 8
     swept = yaml.safe_load((ROOT / "tune/space_mixed.yaml").read_text())["space"]
-    probe, preset = flat(configs["sweep_mixed_best"]), flat(configs["full"])
+    probe, preset = flat(configs["sweep_mixed_best"]), flat(configs["names_x3"])
     assert {k for k in probe if probe[k] != preset[k]} == set(swept)
+    probe, preset = flat(configs["full"]), flat(configs["sweep_mixed_best"])
+    assert {k for k in probe if probe[k] != preset[k]} == {"train.epochs"} and probe["train.epochs"] == 6
     shorter = copy.deepcopy(configs["full_e30"])  # the preset before 40 epochs: only the length differs
     assert shorter["train"]["epochs"] == 30 and configs["real_e40"]["train"]["epochs"] == 40
     shorter["train"]["epochs"] = 40
@@ -185,11 +190,13 @@ def test_an_interrupted_comparison_resumes_keeping_its_finished_trials(tmp_path,
 
 
 def test_the_mixed_sweep_starts_from_the_preset():
-    """tune/space_mixed.yaml's first trial is the `cpu` preset's own values: the sweep's reference."""
-    from tmr.config import load_config
+    """tune/space_mixed.yaml's first trial is the values of the `cpu` preset it ran on (`names_x3`, the
+    preset until its winner replaced them): the sweep's reference."""
+    from compare import resolve_bases, run_config
 
     spec = yaml.safe_load((ROOT / "tune/space_mixed.yaml").read_text())
-    preset = flat(load_config(spec["base"]).to_dict())
+    runs = resolve_bases(yaml.safe_load((ROOT / "tune/runs_cpu.yaml").read_text())["runs"])
+    preset = flat(run_config(runs["names_x3"]).to_dict())
     (start,) = spec["start_from"]
     assert set(start) == set(spec["space"])
     assert {key: preset[key] for key in start} == start

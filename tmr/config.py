@@ -137,27 +137,28 @@ def cpu_preset() -> RunConfig:
 
     The MiniLM backbone is frozen and run once per text (its states cached on disk, bf16 where the
     CPU multiplies it natively); the token projection, the memory bank, the GINE (Mol2vec
-    substructure vectors added to its atom inputs) and the shared head are trained. Loss settings:
-    the best trial of `tune/space_cpu.yaml` (batch-hard triplet, K = 64, second-order weights
-    0.34 / 0.44 at tau2 0.62); a global batch of 128, since the batch-hard negatives and the
-    second-order distributions are drawn from it; token dropout 0.1 on the cached states.
+    substructure vectors added to its atom inputs) and the shared head are trained. Memory size and
+    loss settings: the best trial of `tune/space_mixed.yaml` on this data (batch-hard triplet, K = 32,
+    second-order weights 2.48 / 1.02 at tau2 0.46, lr 2.19e-3); a global batch of 128, since the
+    batch-hard negatives and the second-order distributions are drawn from it; token dropout 0.1 on
+    the cached states.
 
     Fit data: everything the data root offers, the 2,801 real fit pairs plus 26,312 ChEBI-20-style
     descriptions derived from ChEBI's ontology for the train split's molecules (`corpus.ontology`),
     each ending by naming its entity (`corpus.ontology_names=1`), the real pairs three times per
-    epoch (`corpus.real_repeat=3`: their share of each batch); 8 epochs, 2,168 steps of 128. Over 3
-    seeds: select-500 MRR 80.5 / 80.6, over all 33,010 ChEBI-20 molecules H@1 14.1, MRR 25.4. Every
-    step of how it got here, measured, is in docs/results.md (run `names_x3` of tune/runs_cpu.yaml).
+    epoch (`corpus.real_repeat=3`: their share of each batch); 6 epochs, 1,626 steps of 128. Over 3
+    seeds: select-500 MRR 82.7 / 82.1, over all 33,010 ChEBI-20 molecules H@1 14.9, MRR 26.7. Every
+    step of how it got here, measured, is in docs/results.md (run `sweep_best_e6` of tune/runs_cpu.yaml).
     """
     return RunConfig(
         model=ModelConfig(
             text=TextEncoderConfig(max_length=256, trainable_layers=0, token_dropout=0.1),
             molecule=MoleculeEncoderConfig(kind="gine", hidden_dim=300, num_layers=3, mol2vec_features=True),
-            projector=ProjectorConfig(memory_size=64, num_heads=4),
+            projector=ProjectorConfig(memory_size=32, num_heads=4),
         ),
-        loss=LossConfig(first_order="triplet", second_order_similarity="distance", intra_weight=0.34, cross_weight=0.44,
-                        tau2=0.62),
-        train=TrainConfig(epochs=8, batch_size=128, lr=2e-3, text_lr=1e-4, warmup_steps=100, cache_text_states=True,
+        loss=LossConfig(first_order="triplet", second_order_similarity="distance", intra_weight=2.4776,
+                        cross_weight=1.01656, tau2=0.457655),
+        train=TrainConfig(epochs=6, batch_size=128, lr=0.00218815, text_lr=1e-4, warmup_steps=100, cache_text_states=True,
                           pool_all_every=0),
         corpus=CorpusConfig(real=True, ontology=True, ontology_names=1.0, real_repeat=3),
         output="runs/cpu",

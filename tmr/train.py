@@ -125,7 +125,7 @@ def prepare_caches(config: RunConfig, progress: bool = True) -> None:
     graphs and, with train.cache_text_states, the frozen backbone's states of every text.
 
     Why: a comparison or sweep runs one-CPU trials side by side; left to them, the first trial does this
-    on one thread while the others wait on its lock (the text states alone: 20+ minutes in fp32 on
+    on one thread while the others wait on its lock (the text states alone: 30 minutes in fp32 on
     2026-12-03's 2-core machine). Called once in the driver, it runs on every core of the machine."""
     splits = load_splits(resolve_data_root(config.data), max_train_pairs=config.train.max_train_pairs,
                          seed=config.train.seed, corpus=config.corpus, progress=progress)

@@ -138,6 +138,13 @@ def test_prepared_caches_leave_every_seed_nothing_to_compute(small_root, tmp_pat
     config = load_config("tiny", ["model.text.trainable_layers=0", "train.cache_text_states=true", f"data={small_root}"])
     prepare_caches(config, progress=False)
     assert len(list((tmp_path / "text_states").glob("*.safetensors"))) == 1
+    import safetensors.torch
+
+    def read(*args, **kwargs):
+        raise AssertionError("prepare_caches read a text-state file it only had to find")
+    with monkeypatch.context() as patch:  # a resumed comparison prepares again: the file is there, left unread
+        patch.setattr(safetensors.torch, "load_file", read)
+        prepare_caches(config, progress=False)
     model = create_model(config.model)
     def recompute(*args, **kwargs):
         raise AssertionError("the backbone ran in the trial: prepare_caches did not fill its cache")

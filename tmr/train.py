@@ -112,12 +112,17 @@ def critic_update(discriminator: Discriminator, optimizer: torch.optim.Optimizer
 def make_collator(model: TMRModel, config: RunConfig, splits: Splits, progress: bool = True) -> PairCollator:
     """Tokenising collator; with train.cache_text_states, one that serves the frozen backbone's cached
     states (of every text of the pool: validation and the final evaluation read them too)."""
-    states = None
-    if config.train.cache_text_states:
-        texts = [text for d in splits.pool + splits.fit_sources for text in d.texts]
-        states = cached_backbone_states(model, texts, config.model.text.max_length, progress,
-                                        states_in_bf16(config.train.text_states_precision, model.device))
+    states = text_states(model, config, splits, progress) if config.train.cache_text_states else None
     return PairCollator(model.tokenizer, config.model.text.max_length, states)
+
+
+def text_states(model: TMRModel, config: RunConfig, splits: Splits, progress: bool = True,
+                load: bool = True) -> dict[str, torch.Tensor] | None:
+    """The frozen backbone's cached states of every text a run reads (fit, validation, final evaluation);
+    `load=False` only makes sure they are on disk (see cached_backbone_states)."""
+    texts = [text for d in splits.pool + splits.fit_sources for text in d.texts]
+    return cached_backbone_states(model, texts, config.model.text.max_length, progress,
+                                  states_in_bf16(config.train.text_states_precision, model.device), load=load)
 
 
 def prepare_caches(config: RunConfig, progress: bool = True) -> None:
@@ -130,7 +135,7 @@ def prepare_caches(config: RunConfig, progress: bool = True) -> None:
     splits = load_splits(resolve_data_root(config.data), max_train_pairs=config.train.max_train_pairs,
                          seed=config.train.seed, corpus=config.corpus, progress=progress)
     if config.train.cache_text_states:
-        make_collator(create_model(config.model), config, splits, progress)
+        text_states(create_model(config.model), config, splits, progress, load=False)
 
 
 def states_in_bf16(precision: str, device: torch.device) -> bool:
@@ -148,11 +153,13 @@ def states_in_bf16(precision: str, device: torch.device) -> bool:
 
 
 def cached_backbone_states(model: TMRModel, texts: list[str], max_length: int, progress: bool = True,
-                           bf16: bool = False) -> dict[str, torch.Tensor]:
+                           bf16: bool = False, load: bool = True) -> dict[str, torch.Tensor] | None:
     """A frozen backbone's states of `texts`, kept on disk (~/.cache/tmr/text_states) across runs.
 
     Keyed by the texts, max_length, a fingerprint of the backbone's weights and the arithmetic (bf16
     or fp32), so a different model, text set or precision never reads a stale file; written atomically.
+    `load=False`: compute and write them if missing, but do not read a file that is already there (the
+    preset's is 1.9 GB) and return None; for a driver that fills the cache for its trials.
     """
     import hashlib
 
@@ -176,7 +183,9 @@ def cached_backbone_states(model: TMRModel, texts: list[str], max_length: int, p
             with atomic_file(path) as partial:
                 safetensors.torch.save_file({"states": torch.cat([states[t] for t in unique]),
                                              "lengths": torch.tensor([len(states[t]) for t in unique])}, partial)
-            return states
+            return states if load else None
+    if not load:
+        return None
     stored = safetensors.torch.load_file(path)
     return dict(zip(unique, torch.split(stored["states"], stored["lengths"].tolist())))
 

@@ -88,9 +88,10 @@ class TextEncoder(nn.Module):
 
     @torch.no_grad()
     def backbone_states(self, texts: list[str], max_length: int, batch_size: int = 64, progress: bool = False,
-                        bf16: bool = False) -> dict[str, torch.Tensor]:
+                        bf16: bool = False, engine=None) -> dict[str, torch.Tensor]:
         """text -> its (tokens, hidden) output states in fp16, computed once for a frozen backbone.
-        `bf16`: the transformer runs under bf16 autocast (tmr.train.states_in_bf16 says when that pays)."""
+        `bf16`: the transformer runs under bf16 autocast (tmr.train.states_in_bf16 says when that pays);
+        `engine(input_ids, attention_mask)`, when given, computes the states instead (tmr.fast_text)."""
         if not self.frozen:
             raise ValueError("caching text states needs a frozen text backbone (model.text.trainable_layers=0)")
         from tqdm.auto import tqdm
@@ -104,8 +105,11 @@ class TextEncoder(nn.Module):
             chunk = unique[start:start + batch_size]
             tokens = self.tokenizer(chunk, padding=True, truncation=True, max_length=max_length,
                                     return_tensors="pt").to(device)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                states = self.backbone(**{k: tokens[k] for k in ("input_ids", "attention_mask")}).last_hidden_state
+            if engine is not None:
+                states = engine(tokens["input_ids"], tokens["attention_mask"])
+            else:
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                    states = self.backbone(**{k: tokens[k] for k in ("input_ids", "attention_mask")}).last_hidden_state
             for text, row, mask in zip(chunk, states, tokens["attention_mask"].bool()):
                 out[text] = row[mask].to(torch.float16).cpu()
         self.backbone.train(was_training)

@@ -76,6 +76,20 @@ def exported_path(model_dir: str | Path) -> Path:
     return directory / name if os.access(directory, os.W_OK) else CACHE / "onnx" / name
 
 
+def engine_enabled(what: str) -> bool:
+    """Whether ONNX Runtime runs `what`: onnxruntime and onnx (which the export needs) installed, and not
+    switched off with $TMR_TEXT_ENGINE=torch; a missing package is logged, and torch runs it."""
+    if os.environ.get("TMR_TEXT_ENGINE", "onnx") == "torch":
+        return False
+    try:
+        import onnx  # noqa: F401
+        import onnxruntime  # noqa: F401
+    except ImportError as error:
+        log.warning("onnxruntime/onnx not installed (%s): %s run on torch", error, what)
+        return False
+    return True
+
+
 def cpu_session(graph: Path, threads: int):
     """An ONNX Runtime CPU session of an exported backbone with its threads set explicitly."""
     import onnxruntime
@@ -126,13 +140,7 @@ def bulk_backbone(model: TMRModel, threads: int):
     temporary file (3 s) that the session reads once."""
     import tempfile
 
-    if os.environ.get("TMR_TEXT_ENGINE", "onnx") == "torch":
-        return None
-    try:
-        import onnx  # noqa: F401  (torch.onnx.export needs it)
-        import onnxruntime  # noqa: F401
-    except ImportError as error:
-        log.warning("onnxruntime/onnx not installed (%s): text states run on torch", error)
+    if not engine_enabled("text states"):
         return None
     with tempfile.TemporaryDirectory() as directory:
         session = cpu_session(export_backbone(model, Path(directory) / "text_backbone.onnx"), threads)
@@ -142,9 +150,6 @@ def bulk_backbone(model: TMRModel, threads: int):
 def text_encoder_for(model: TMRModel, model_dir: str | Path, threads: int = 1):
     """(callable texts -> embeddings, engine name): ONNX Runtime when installed and not switched off
     ($TMR_TEXT_ENGINE=torch), else the model's own torch path."""
-    if os.environ.get("TMR_TEXT_ENGINE", "onnx") != "torch":
-        try:
-            return FastTextEncoder.load(model, model_dir, threads).encode, "onnxruntime"
-        except ImportError as error:
-            log.warning("onnxruntime/onnx not installed (%s): text queries run on torch", error)
+    if engine_enabled("text queries"):
+        return FastTextEncoder.load(model, model_dir, threads).encode, "onnxruntime"
     return model.encode_text, "torch"

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from tmr.data import InvalidMolecule, MoleculeTextDataset, featurize, load_splits, read_pairs, resolve_data_root
+from tmr.data.featurize import featurize_or_error
 
 
 def test_ethanol_graph():
@@ -247,3 +248,50 @@ def test_side_by_side_processes_featurise_a_shared_cache_once(tmp_path, chebi_ro
     reports = [out.split() for out, _ in outputs]
     assert sorted(int(r[0]) for r in reports) == [0, 0, 1]  # featurised by exactly one process
     assert len({(r[1], r[2]) for r in reports}) == 1 and int(reports[0][1]) > 1100
+
+
+def test_a_dataset_reuses_the_pools_graphs_and_equals_one_featurised_afresh(tmp_path, small_root, chebi_root,
+                                                                             monkeypatch):
+    """The splits copy the graphs of molecules the candidate pool already holds (same SMILES string)
+    instead of featurising them again; the result is the dataset featurised from scratch, and only the
+    molecules the pool lacks are featurised."""
+    import torch
+
+    import tmr.data.dataset as dataset_module
+    from tmr.data.dataset import MoleculeTextDataset
+
+    header, *rows = (chebi_root / "molecules.tsv").read_text().splitlines()
+    pairs = (small_root / "validation.txt").read_text().splitlines()[1:]
+    ours = [line.split("\t")[0] for line in pairs]
+    by_id = {r.split("\t")[0]: r for r in rows}
+    pool_rows = [r for r in rows[:300] if r.split("\t")[0] not in ours][:80] + [by_id[cid] for cid in ours[20:]]
+    pool = MoleculeTextDataset(write(tmp_path / "molecules.tsv", "\n".join([header] + pool_rows) + "\n"),
+                               tmp_path / "cache", require_text=False, progress=False)
+    afresh = MoleculeTextDataset(small_root / "validation.txt", tmp_path / "cache_afresh", progress=False)
+    featurised = []
+    monkeypatch.setattr(dataset_module, "featurize_or_error",
+                        lambda smiles: featurised.append(smiles) or featurize_or_error(smiles))
+    reused = MoleculeTextDataset(small_root / "validation.txt", tmp_path / "cache", progress=False, reuse=pool)
+    assert len(featurised) == 20  # the 20 molecules the pool lacks
+    assert reused.ids == afresh.ids == ours and reused.texts == afresh.texts
+    for key in ("x", "edge_index", "edge_attr", "morgan"):
+        assert torch.equal(getattr(reused._data, key), getattr(afresh._data, key)) and reused.slices[key].equal(
+            afresh.slices[key]), key
+    assert list(reused._data.smiles) == list(afresh._data.smiles)
+
+
+def test_parallel_map_on_ray_equals_the_serial_map(local_ray, chebi_root):
+    """With Ray running (a training driver), featurising and InChI-keying go to Ray tasks in chunks:
+    the same results, in the same order, failures returned in place."""
+    from tmr.data import parallel
+    from tmr.data.ontology import _inchikey
+
+    smiles = [line.split("\t")[1] for line in (chebi_root / "molecules.tsv").read_text().splitlines()[1:2201]]
+    smiles[5] = "not a SMILES"
+    on_ray = parallel.parallel_map(featurize_or_error, smiles, "featurising", progress=False)
+    assert isinstance(on_ray[5], str) and "cannot parse" in on_ray[5]
+    serial = [featurize_or_error(s) for s in smiles]
+    assert [g if isinstance(g, str) else (g.smiles, g.x.tolist(), g.edge_index.tolist(), g.morgan.tolist())
+            for g in on_ray] == [g if isinstance(g, str) else (g.smiles, g.x.tolist(), g.edge_index.tolist(),
+                                                              g.morgan.tolist()) for g in serial]
+    assert parallel.parallel_map(_inchikey, smiles, "InChIKeys", progress=False) == [_inchikey(s) for s in smiles]

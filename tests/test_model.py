@@ -181,7 +181,8 @@ def test_bf16_text_states_stay_close_to_fp32_and_are_cached_apart(small_root, tm
 
 
 def test_memory_bank_equals_multihead_attention_averaged_over_slots():
-    """The projector's cheaper arrangement computes nn.MultiheadAttention's slots, averaged."""
+    """The projector's cheaper arrangement (key and value projections folded out of the per-row work)
+    computes nn.MultiheadAttention's slots, averaged, and trains like it: every gradient equal."""
     from tmr.model import MemoryBankProjector
 
     torch.manual_seed(0)
@@ -192,12 +193,24 @@ def test_memory_bank_equals_multihead_attention_averaged_over_slots():
         reference.in_proj_bias.copy_(torch.cat([projector.query.bias, projector.key.bias, projector.value.bias]))
         reference.out_proj.weight.copy_(projector.out.weight)
         reference.out_proj.bias.copy_(projector.out.bias)
-    features = torch.randn(3, 7, 32, dtype=torch.float64)
+    features = torch.randn(3, 7, 32, dtype=torch.float64, requires_grad=True)
     mask = torch.tensor([[True] * 7, [True] * 4 + [False] * 3, [True] + [False] * 6])
-    queries = projector.memory.unsqueeze(0).expand(3, -1, -1)
+    queries = projector.memory.detach().unsqueeze(0).repeat(3, 1, 1).requires_grad_(True)
     slots, _ = reference(queries, features, features, key_padding_mask=~mask, need_weights=False)
-    packed, segment = features[mask], mask.nonzero()[:, 0]  # what the encoders hand the projector
-    assert torch.allclose(projector(packed, segment, 3), slots.mean(1), atol=1e-12)
+    packed, segment = features[mask].detach().requires_grad_(True), mask.nonzero()[:, 0]  # what the encoders hand it
+    ours = projector(packed, segment, 3)
+    assert torch.allclose(ours, slots.mean(1), atol=1e-12)
+
+    weights = torch.randn_like(ours)  # any downstream loss
+    (weights * ours).sum().backward()
+    (weights * slots.mean(1)).sum().backward()
+    dim = 32
+    assert torch.allclose(packed.grad, features.grad[mask], atol=1e-12)
+    for i, part in enumerate((projector.query, projector.key, projector.value)):
+        assert torch.allclose(part.weight.grad, reference.in_proj_weight.grad[i * dim:(i + 1) * dim], atol=1e-12)
+        assert torch.allclose(part.bias.grad, reference.in_proj_bias.grad[i * dim:(i + 1) * dim], atol=1e-12)
+    assert torch.allclose(projector.out.weight.grad, reference.out_proj.weight.grad, atol=1e-12)
+    assert torch.allclose(projector.memory.grad, queries.grad.sum(0), atol=1e-12)
 
 
 def test_inference_path_equals_the_training_path(chebi_root):

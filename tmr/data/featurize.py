@@ -77,6 +77,14 @@ def featurize(smiles: str) -> Data:
     return featurize_parsed(parse_smiles(smiles), smiles)
 
 
+def featurize_or_error(smiles: str) -> Data | str:
+    """featurize(smiles), or why it cannot be featurised (for parallel_map: an error is returned, not raised)."""
+    try:
+        return featurize(smiles)
+    except InvalidMolecule as error:
+        return str(error)
+
+
 def _atom_rows(mol: Chem.Mol) -> list[tuple]:
     atom = mol.GetAtomWithIdx  # by index: RDKit's GetAtoms() sequence wrapper costs as much as the features
     return [(_ATOMIC_NUM[a.GetAtomicNum()], _CHIRALITY[a.GetChiralTag()], _DEGREE[a.GetTotalDegree()],

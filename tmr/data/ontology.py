@@ -215,10 +215,9 @@ def _inchikey(smiles: str) -> str | None:
 
 def inchikeys(smiles: dict[str, str], progress: bool = True) -> dict[str, str | None]:
     """CID -> InChIKey (None where RDKit cannot parse or key the SMILES)."""
-    from tqdm.auto import tqdm
+    from tmr.data.parallel import parallel_map
 
-    return {cid: _inchikey(s) for cid, s in tqdm(smiles.items(), desc="InChIKeys", disable=not progress,
-                                                   mininterval=2)}
+    return dict(zip(smiles, parallel_map(_inchikey, smiles.values(), "InChIKeys", progress)))
 
 
 def read_cids(path: str | os.PathLike) -> list[str]:

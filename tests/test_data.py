@@ -282,7 +282,10 @@ def test_a_dataset_reuses_the_pools_graphs_and_equals_one_featurised_afresh(tmp_
 
 def test_parallel_map_on_ray_equals_the_serial_map(local_ray, chebi_root):
     """With Ray running (a training driver), featurising and InChI-keying go to Ray tasks in chunks:
-    the same results, in the same order, failures returned in place."""
+    the same results, in the same order, failures returned in place. Inside a task that holds every
+    CPU (a training worker on a node whose cache is cold) it runs in place rather than wait forever."""
+    import ray
+
     from tmr.data import parallel
     from tmr.data.ontology import _inchikey
 
@@ -294,4 +297,7 @@ def test_parallel_map_on_ray_equals_the_serial_map(local_ray, chebi_root):
     assert [g if isinstance(g, str) else (g.smiles, g.x.tolist(), g.edge_index.tolist(), g.morgan.tolist())
             for g in on_ray] == [g if isinstance(g, str) else (g.smiles, g.x.tolist(), g.edge_index.tolist(),
                                                               g.morgan.tolist()) for g in serial]
-    assert parallel.parallel_map(_inchikey, smiles, "InChIKeys", progress=False) == [_inchikey(s) for s in smiles]
+    keys = [_inchikey(s) for s in smiles]
+    assert parallel.parallel_map(_inchikey, smiles, "InChIKeys", progress=False) == keys
+    in_a_worker = ray.remote(num_cpus=2)(parallel.parallel_map).remote(_inchikey, smiles, "InChIKeys", False)
+    assert ray.get(in_a_worker, timeout=300) == keys

@@ -179,12 +179,13 @@ def cached_backbone_states(model: TMRModel, texts: list[str], max_length: int, p
     path.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(f"{path}.lock"):  # side-by-side trials on a fresh machine: one computes, the rest wait
         if not path.exists():
-            engine = None
+            engine, batch_size = None, 64
             if not bf16 and model.device.type == "cpu":  # fp32 on a CPU: ONNX Runtime's kernels, when installed
-                from tmr.fast_text import bulk_backbone
+                from tmr.fast_text import BULK_BATCH, bulk_backbone
 
                 engine = bulk_backbone(model, torch.get_num_threads())
-            states = model.text_encoder.backbone_states(unique, max_length, progress=progress, bf16=bf16,
+                batch_size = BULK_BATCH if engine is not None else batch_size
+            states = model.text_encoder.backbone_states(unique, max_length, batch_size, progress=progress, bf16=bf16,
                                                         engine=engine)
             with atomic_file(path) as partial:
                 safetensors.torch.save_file({"states": torch.cat([states[t] for t in unique]),

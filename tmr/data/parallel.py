@@ -21,14 +21,21 @@ CHUNK = 1_000  # items per task: a task costs ~1 ms to schedule, 1,000 molecules
 
 def parallel_map(function: Callable[[Item], Result], items: Iterable[Item], desc: str, progress: bool = True
                  ) -> list[Result]:
-    """[function(item) for item in items], in order; split into Ray tasks of CHUNK items when Ray is
-    initialised and there is more than one chunk. `function` must be importable (module level) and
-    should return its failures rather than raise them (a raised error ends the whole map)."""
-    import ray
-
+    """[function(item) for item in items], in order; split into Ray tasks of CHUNK items when called in a
+    Ray driver with a CPU free and there is more than one chunk (elsewhere: in this process). `function`
+    must be importable (module level) and should return its failures rather than raise them (a raised
+    error ends the whole map)."""
+    try:
+        import ray  # the train extra
+    except ImportError:
+        ray = None
     items = list(items)
     bar = tqdm(total=len(items), desc=desc, disable=not progress, mininterval=2)
-    if not ray.is_initialized() or len(items) <= CHUNK:
+    # only a driver with free CPUs hands work to tasks: a Ray Train worker or a Tune trial holds the CPUs its
+    # tasks would wait for, and so may a driver's own actors
+    on_ray = (ray is not None and len(items) > CHUNK and ray.is_initialized()
+              and ray.get_runtime_context().worker.mode == ray.SCRIPT_MODE and ray.available_resources().get("CPU", 0) >= 1)
+    if not on_ray:
         results = []
         for item in items:
             results.append(function(item))

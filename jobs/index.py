@@ -4,6 +4,7 @@
     python jobs/index.py --model runs/cpu/best --library ../shared/data/moses/train.csv.gz --limit 1000000 \\
         --index hnsw --actors 2 --out runs/index/moses_1m
     python jobs/index.py --model runs/cpu/best --kind text --out runs/index/texts      # ChEBI-20 descriptions
+    python jobs/index.py --from-index runs/index/moses_1m --index ivf --out runs/index/moses_1m_ivf  # no new embedding
 
 Libraries: SMILES / CSV / TSV (an id column, else the row number) or SDF, each optionally .gz.
 Work is cut into chunks embedded in parallel by Ray Data actors (`--actors`, `--threads` each) with
@@ -23,7 +24,7 @@ from pathlib import Path
 
 from tmr.data import available_splits, resolve_data_root
 from tmr.distributed import init_ray
-from tmr.index import INDEX_TYPES
+from tmr.index import INDEX_TYPES, reindex
 from tmr.library import build_index, recall_queries
 
 
@@ -44,7 +45,11 @@ def chebi_library(data: str | None) -> Path:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", required=True, help="model directory (runs/<name>/best)")
+    parser.add_argument("--model", help="model directory (runs/<name>/best); with --from-index, the one it was built with")
+    parser.add_argument("--from-index", help="an index directory to rebuild with another --index (and --index-param), "
+                        "reusing its embeddings and metadata")
+    parser.add_argument("--index-param", action="append", default=[], metavar="NAME=INT",
+                        help="an ANN build parameter: M, efConstruction (hnsw), nlist (ivf, ivfpq); repeatable")
     parser.add_argument("--library", help="SMILES / CSV / TSV / SDF, optionally .gz; default: ChEBI-20, every split present")
     parser.add_argument("--limit", type=int, help="index only the first N rows of the library")
     parser.add_argument("--data", help="ChEBI-20 data root (for the default library)")
@@ -61,13 +66,26 @@ def main() -> None:
     parser.add_argument("--no-ray", action="store_true", help="embed in this process (no Ray)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        params = {name: int(value) for name, value in (spec.split("=", 1) for spec in args.index_param)}
+    except ValueError:
+        parser.error(f"--index-param takes NAME=INT, got {args.index_param}")
+    if args.from_index:
+        source = json.loads((Path(args.from_index) / "manifest.json").read_text())
+        model = args.model or source["model"]
+        queries = recall_queries(model, source.get("library") or chebi_library(args.data), source["kind"],
+                                 source.get("limit"), args.data)
+        print(json.dumps(reindex(args.from_index, args.out, args.index, queries, args.recall_target, params), indent=2))
+        return
+    if not args.model:
+        parser.error("--model is required (unless --from-index)")
     if not args.no_ray:
         init_ray(args.num_cpus, dashboard=False)
     library = Path(args.library) if args.library else chebi_library(args.data)
     queries = recall_queries(args.model, library, args.kind, args.limit, args.data) if args.index != "exact" else None
     manifest = build_index(library, args.model, args.out, args.kind, args.index, args.dtype, args.limit,
                            args.chunk_size, args.actors, args.threads, use_ray=not args.no_ray, queries=queries,
-                           recall_target=args.recall_target)
+                           recall_target=args.recall_target, params=params)
     print(json.dumps(manifest, indent=2))
 
 

@@ -153,3 +153,32 @@ def test_an_index_built_before_stored_decorations_reads_the_same_rows(moses_slic
             new, old = RetrievalIndex(tmp_path / "new", shard, shards), RetrievalIndex(tmp_path / "old", shard, shards)
             assert "inchikey" not in old.metadata.column_names
             assert old.records(old.rows[::-3]) == new.records(new.rows[::-3])
+
+
+def test_an_index_rebuilt_with_another_ann_keeps_its_rows_and_meets_the_recall_target(moses_slice, tiny_model,
+                                                                                      tmp_path):
+    """`jobs/index.py --from-index DIR --index ivf --index-param nlist=16`: the same embeddings and
+    metadata under a new ANN (no embedding), its build parameters in the manifest, its search
+    parameter tuned to the recall target again, and searches that find what exact search finds."""
+    from tmr.index import RetrievalIndex, exact_top_k, recall_at_10
+
+    build_index(moses_slice, tiny_model, tmp_path / "hnsw", index_type="hnsw", chunk_size=500, use_ray=False,
+                progress=False)
+    command = [sys.executable, str(REPO / "jobs" / "index.py"), "--from-index", str(tmp_path / "hnsw"),
+               "--index", "ivf", "--index-param", "nlist=16", "--recall-target", "0.97", "--out", str(tmp_path / "ivf")]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert done.returncode == 0, done.stderr[-3000:]
+    manifest = json.loads((tmp_path / "ivf" / "manifest.json").read_text())
+    source = json.loads((tmp_path / "hnsw" / "manifest.json").read_text())
+    assert manifest["index"] == "ivf" and manifest["build_params"] == {"nlist": 16}
+    assert manifest["search_params"]["nlist"] == 16 and "nprobe" in manifest["search_params"]
+    assert min(manifest["recall_at_10"].values()) >= 0.97 and "efSearch" not in manifest["search_params"]
+    assert (manifest["count"], manifest["model_fingerprint"]) == (source["count"], source["model_fingerprint"])
+    for name in ("embeddings.npy", "metadata.parquet"):
+        assert (tmp_path / "ivf" / name).read_bytes() == (tmp_path / "hnsw" / name).read_bytes()
+    embeddings = np.load(tmp_path / "ivf" / "embeddings.npy")
+    queries = embeddings[::7] + 0.05 * np.random.default_rng(0).standard_normal(embeddings[::7].shape).astype(np.float32)
+    assert recall_at_10(RetrievalIndex(tmp_path / "ivf").index, queries, exact_top_k(queries, embeddings)) >= 0.9
+    bad = subprocess.run(command[:-1] + [str(tmp_path / "bad")] + ["--index-param", "nlist=many"], capture_output=True,
+                         text=True, timeout=120, cwd=REPO)
+    assert bad.returncode == 2 and "NAME=INT" in bad.stderr

@@ -147,9 +147,11 @@ def _load_chunk(path: Path) -> tuple[np.ndarray, dict]:
 def build_index(library: str | Path, model_dir: str | Path, out: str | Path, kind: str = "molecule",
                 index_type: str = "exact", dtype: str = "float32", limit: int | None = None, chunk_size: int = 10_000,
                 actors: int = 1, threads: int = 1, use_ray: bool = True, progress: bool = True,
-                queries: dict[str, np.ndarray] | None = None, recall_target: float = 0.95) -> dict:
+                queries: dict[str, np.ndarray] | None = None, recall_target: float = 0.95, params: dict | None = None
+                ) -> dict:
     """Build (or resume building) an index directory; returns its manifest with throughput figures.
-    `queries` (name -> embeddings) are what an approximate index's recall is tuned on."""
+    `queries` (name -> embeddings) are what an approximate index's recall is tuned on; `params`: the
+    ANN's build parameters (tmr.index.build_faiss)."""
     from tqdm.auto import tqdm
 
     started = time.time()
@@ -187,7 +189,7 @@ def build_index(library: str | Path, model_dir: str | Path, out: str | Path, kin
                "chunks_per_node": chunks_per_node,
                "items_per_second": round(sum(len(chunks[i]) for i in todo) / max(embed_seconds, 1e-9), 1)}
     manifest = _assemble(partial, len(chunks), kind, out, model_dir, index_type, dtype, skipped_reading, id_url, figures,
-                         queries, recall_target)
+                         queries, recall_target, params)
     shutil.rmtree(partial)
     return manifest
 
@@ -224,7 +226,8 @@ def _unpack(batch: dict, i: int) -> tuple[int, str, np.ndarray, dict]:
 
 
 def _assemble(partial: Path, count: int, kind: str, out: Path, model_dir, index_type: str, dtype: str,
-              skipped: list, id_url: str | None, figures: dict, queries: dict | None, recall_target: float) -> dict:
+              skipped: list, id_url: str | None, figures: dict, queries: dict | None, recall_target: float,
+              params: dict | None = None) -> dict:
     """Concatenate the chunks in row order, drop duplicate molecules (first row wins), write the index."""
     rows = LibraryRows([], [], [], [], list(skipped), id_url)
     fields = FIELDS
@@ -247,7 +250,7 @@ def _assemble(partial: Path, count: int, kind: str, out: Path, model_dir, index_
     embeddings = np.concatenate(vectors) if vectors else np.zeros((0, 1), np.float32)
     figures["embeddings_sha256"] = hashlib.sha256(embeddings.tobytes()).hexdigest()[:16]
     return write_index(out, embeddings, rows, kind, model_dir, index_type, dtype, extra=figures, queries=queries,
-                       recall_target=recall_target)
+                       recall_target=recall_target, params=params)
 
 
 def recall_queries(model_dir: str | Path, library: str | Path, kind: str, limit: int | None, data: str | None,

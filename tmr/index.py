@@ -143,6 +143,20 @@ def memory_per_million(dim: int) -> dict:
     return {"fp32": dim * 4 * 10**6, "fp16": dim * 2 * 10**6, "pq": dim // 4 * 10**6}
 
 
+def tuned_index(embeddings: np.ndarray, index_type: str, params: dict | None, queries: dict[str, np.ndarray] | None,
+                recall_target: float) -> tuple:
+    """(approximate index, its manifest fields): built with `params`, its search parameter the smallest that
+    reaches `recall_target` recall@10 against exact search on `queries` (default: 1,000 library items)."""
+    index = build_faiss(embeddings, index_type, params)
+    if not queries:
+        rng = np.random.default_rng(0)
+        queries = {"library_items": embeddings[rng.choice(len(embeddings), min(1000, len(embeddings)), replace=False)]}
+    fields = {"build_params": dict(params or {}), **tune_search(index, index_type, embeddings, queries, recall_target)}
+    if "nlist" in dir(index):
+        fields["search_params"]["nlist"] = int(index.nlist)
+    return index, fields
+
+
 def write_index(out: str | Path, embeddings: np.ndarray, rows: LibraryRows, kind: str, model_dir: str | Path,
                 index_type: str = "exact", dtype: str = "float32", extra: dict | None = None,
                 queries: dict[str, np.ndarray] | None = None, recall_target: float = 0.95, params: dict | None = None
@@ -157,19 +171,13 @@ def write_index(out: str | Path, embeddings: np.ndarray, rows: LibraryRows, kind
     import pyarrow.parquet as pq
 
     started = time.time()
-    index = build_faiss(embeddings, index_type, params) if index_type != "exact" else None
+    index, tuned = (None, {}) if index_type == "exact" else tuned_index(embeddings, index_type, params, queries,
+                                                                         recall_target)
     manifest = {"kind": kind, "model": str(Path(model_dir).resolve()), "model_fingerprint": model_fingerprint(model_dir),
                 "count": int(len(embeddings)), "dim": int(embeddings.shape[1]), "index": index_type, "dtype": dtype,
                 "id_url": rows.id_url, **(extra or {}), "memory_per_million_bytes": memory_per_million(embeddings.shape[1]),
                 "skipped": len(rows.skipped), "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    if index_type != "exact":
-        manifest["build_params"] = dict(params or {})
-        if not queries:
-            rng = np.random.default_rng(0)
-            queries = {"library_items": embeddings[rng.choice(len(embeddings), min(1000, len(embeddings)), replace=False)]}
-        manifest.update(tune_search(index, index_type, embeddings, queries, recall_target))
-        if "nlist" in dir(index):
-            manifest["search_params"]["nlist"] = int(index.nlist)
+    manifest.update(tuned)
     manifest["index_build_seconds"] = round(time.time() - started, 2)
     with atomic_directory(out) as staging:
         np.save(staging / "embeddings.npy", embeddings.astype(dtype))
@@ -199,16 +207,10 @@ def reindex(source: str | Path, out: str | Path, index_type: str, queries: dict[
         raise ValueError(f"reindexing needs an approximate index type, one of {INDEX_TYPES[1:]}")
     manifest = json.loads((source / "manifest.json").read_text())
     embeddings = np.load(source / "embeddings.npy").astype(np.float32, copy=False)
-    index = build_faiss(embeddings, index_type, params)
-    if not queries:
-        rng = np.random.default_rng(0)
-        queries = {"library_items": embeddings[rng.choice(len(embeddings), min(1000, len(embeddings)), replace=False)]}
+    index, tuned = tuned_index(embeddings, index_type, params, queries, recall_target)
     for stale in ("search_params", "recall_at_10", "recall_curve", "recall_target"):
         manifest.pop(stale, None)
-    manifest.update(index=index_type, build_params=dict(params or {}), reindexed_from=str(source.resolve()),
-                    **tune_search(index, index_type, embeddings, queries, recall_target))
-    if "nlist" in dir(index):
-        manifest["search_params"]["nlist"] = int(index.nlist)
+    manifest.update(index=index_type, reindexed_from=str(source.resolve()), **tuned)
     manifest["index_build_seconds"] = round(time.time() - started, 2)
     with atomic_directory(out) as staging:
         for name in ("embeddings.npy", "metadata.parquet", "skipped.json"):

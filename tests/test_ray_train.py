@@ -138,12 +138,11 @@ def test_deepspeed_steps_update_the_weights_as_the_plain_loop_does(one_process_g
     Seven biases get no gradient here, only rounding noise (~1e-8 against >= 1e-4 for every other
     parameter): each shifts every row of a modality equally, which attention's softmax (key
     biases) or the head's per-modality BatchNorm (the rest) cancels exactly; with the adversarial
-    term off nothing else reads them. Adam divides that noise by its own size and takes full steps
-    on it, so their values depend on a CPU's summation order, not on DeepSpeed: they are named,
-    and every other parameter is compared. Their noise reaches the rest at the 1e-5 level, element by
-    element (measured: the plain loop on 1 thread against the engine on 2), so each parameter's whole
-    update is compared: noise moves it by <= 6e-5 of its norm, a clip threshold twice DeepSpeed's by
-    >= 0.1 on the molecule encoder's layers."""
+    term off nothing else reads them. Adam would divide that noise by its own size and take full
+    steps on it, so their values, and through them the rest at the 1e-3 level, would depend on a
+    CPU's summation order rather than on DeepSpeed (CI's CPU differed from this machine's by
+    2e-3 of an update). They are named, then frozen in both runs, and every other parameter must
+    take the plain loop's update to 1e-4 of its size."""
     import copy
 
     from tmr.data import MoleculeTextDataset, PairCollator
@@ -156,20 +155,31 @@ def test_deepspeed_steps_update_the_weights_as_the_plain_loop_does(one_process_g
                                   f"train.gradient_clipping={clipping}"])
     torch.manual_seed(0)
     plain = create_model(config.model)
-    model, initial = copy.deepcopy(plain), copy.deepcopy(plain)
     dataset = MoleculeTextDataset(small_root / "validation.txt", progress=False)
     collate = PairCollator(plain.tokenizer, config.model.text.max_length)
     batches = [collate([dataset[i] for i in range(s * GLOBAL_BATCH, (s + 1) * GLOBAL_BATCH)]) for s in range(3)]
     criterion = AlignmentLoss(config.loss)
-    optimizer, scheduler = make_optimizer(plain, config.train, 10)
     plain.train()
-    norms, shift_only = [], set()
+    shift_only = set()
+    for batch in batches:
+        plain.zero_grad(set_to_none=True)
+        criterion(plain(batch), None, plain.logit_scale)["loss"].backward()
+        shift_only |= {name for name, p in plain.named_parameters()
+                       if p.grad is not None and p.grad.norm() / p.numel() ** 0.5 < 1e-6}
+    plain.zero_grad(set_to_none=True)
+    assert shift_only == {"text_encoder.norm.bias", "molecule_encoder.norm.bias", "projector.key.bias",
+                          "projector.value.bias", "projector.out.bias", "head.linear.bias",
+                          "text_encoder.backbone.encoder.layer.5.attention.self.key.bias"}, shift_only
+    for name, p in plain.named_parameters():
+        if name in shift_only:
+            p.requires_grad_(False)
+    model, initial = copy.deepcopy(plain), copy.deepcopy(plain)
+    optimizer, scheduler = make_optimizer(plain, config.train, 10)
+    norms = []
     for batch in batches:  # tmr.train.fit's step
         optimizer.zero_grad(set_to_none=True)
         criterion(plain(batch), None, plain.logit_scale)["loss"].backward()
         norms.append(float(torch.nn.utils.get_total_norm([p.grad for p in plain.parameters() if p.grad is not None])))
-        shift_only |= {name for name, p in plain.named_parameters()
-                       if p.grad is not None and p.grad.norm() / p.numel() ** 0.5 < 1e-6}
         if clipping > 0:
             torch.nn.utils.clip_grad_norm_(plain.parameters(), clipping)
         optimizer.step()
@@ -180,10 +190,6 @@ def test_deepspeed_steps_update_the_weights_as_the_plain_loop_does(one_process_g
     for batch in batches:
         engine_backward(engine, criterion(engine(batch), None, engine.module.logit_scale)["loss"], 1)
         engine.step()
-    assert shift_only == {"text_encoder.norm.bias", "molecule_encoder.norm.bias", "projector.key.bias",
-                          "projector.value.bias", "projector.out.bias", "head.linear.bias",
-                          "text_encoder.backbone.encoder.layer.5.attention.self.key.bias"}, shift_only
     for (name, expected), got, start in zip(plain.named_parameters(), engine.module.parameters(), initial.parameters()):
-        if name not in shift_only:
-            update = (expected - start).detach().norm()  # zero for the frozen backbone
-            assert float((got - expected).detach().norm()) <= 1e-3 * float(update), name
+        update = (expected - start).detach().norm()  # zero for the frozen backbone and the seven biases
+        assert float((got - expected).detach().norm()) <= 1e-4 * float(update), name

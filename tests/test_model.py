@@ -244,6 +244,48 @@ def test_inference_path_equals_the_training_path(chebi_root):
     assert torch.allclose(nodes[rows], model.molecule_encoder(graphs)[0].detach(), atol=1e-5)
 
 
+def gine_atom_by_atom(encoder, graphs):
+    """The GINE encoder as PyG's layers compute it, every atom on its own: the reference."""
+    import torch.nn.functional as F
+
+    h = encoder.atoms(graphs.x)
+    if encoder.mol2vec_proj is not None:
+        h = h + encoder.mol2vec_proj(encoder.mol2vec(graphs.morgan))
+    for i, (conv, bonds) in enumerate(zip(encoder.convs, encoder.bonds)):
+        h = conv(h, graphs.edge_index, bonds(graphs.edge_attr))
+        h = F.relu(h) if i < len(encoder.convs) - 1 else h
+    return encoder.norm(encoder.mlp(h))
+
+
+def test_training_runs_gine_once_per_atom_environment_with_pyg_s_values_and_gradients(chebi_root):
+    """Training computes GINE once per distinct atom environment and gathers it to the atoms
+    (1.25x a `cpu` step, docs/training.md): the atoms' features and every parameter's gradient
+    equal PyG's GINEConv applied atom by atom (float64, so only the summation order differs), with
+    Mol2vec inputs, on ChEBI-20 molecules plus repeated, symmetric, disconnected and one-atom ones."""
+    from tmr.data.sources import read_pairs
+
+    torch.manual_seed(0)
+    config = load_config("cpu", [f"model.molecule.mol2vec_path={chebi_root.parent / 'mol2vec/tokens.npz'}"])
+    encoder = create_model(config.model).molecule_encoder.double().train()
+    pairs, _ = read_pairs(chebi_root / "validation.txt")
+    smiles = SMILES + ["O=C(O)C1=CC=CC=C1O", "CCO", "CCO", "[Na+].[Cl-]", "[He]", "C1CCCCC1"] + [p.smiles for p in pairs[:60]]
+    graphs = Batch.from_data_list([featurize(s) for s in smiles])
+    weights = torch.randn(graphs.num_nodes, encoder.norm.normalized_shape[0], dtype=torch.float64)
+    gradients = []
+    for forward in (lambda: encoder(graphs)[0], lambda: gine_atom_by_atom(encoder, graphs)):
+        encoder.zero_grad()
+        nodes = forward()
+        (weights * nodes).sum().backward()
+        gradients.append((nodes.detach(), {name: p.grad.clone() for name, p in encoder.named_parameters()
+                                           if p.grad is not None}))
+    (ours, our_grads), (reference, reference_grads) = gradients
+    assert torch.allclose(ours, reference, atol=1e-10)
+    assert our_grads.keys() == reference_grads.keys() and len(our_grads) >= 20
+    for name, grad in reference_grads.items():
+        assert torch.allclose(our_grads[name], grad, atol=1e-9 * max(1.0, float(grad.abs().max()))), name
+    assert len(encoder.forward_distinct(graphs)[0]) < 0.8 * graphs.num_nodes  # fewer rows than atoms
+
+
 def test_atom_environments_are_weisfeiler_lehman_colours():
     """Two atoms share an environment after a layer iff they had the same one before and the same
     multiset of (neighbour environment, bond): benzene's atoms are one, toluene's ring splits by

@@ -338,3 +338,27 @@ def test_token_dropout_hides_tokens_in_training_only():
     model.eval()
     plain.eval()  # inference reads every token: the same embeddings as a model without token dropout
     assert torch.equal(model.encode_text(TEXTS), plain.encode_text(TEXTS))
+
+
+def test_the_same_batch_gives_the_same_gradients_to_the_bit(chebi_root):
+    """Runs of one seed train one model (the fault drill's resumed run equals an uninterrupted one):
+    the per-environment GINE gathers rows so that their gradients sum in a fixed order, on 2 threads."""
+    from tmr.data.sources import read_pairs
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        torch.manual_seed(0)
+        config = load_config("cpu", [f"model.molecule.mol2vec_path={chebi_root.parent / 'mol2vec/tokens.npz'}"])
+        encoder = create_model(config.model).molecule_encoder.train()
+        pairs, _ = read_pairs(chebi_root / "validation.txt")
+        graphs = Batch.from_data_list([featurize(p.smiles) for p in pairs[:128]])
+        weights = torch.randn(encoder.norm.normalized_shape[0])
+        runs = []
+        for _ in range(3):
+            encoder.zero_grad()
+            (encoder(graphs)[0] @ weights).pow(2).sum().backward()
+            runs.append([p.grad.clone() for p in encoder.parameters() if p.grad is not None])
+        assert all(torch.equal(a, b) for run in runs[1:] for a, b in zip(runs[0], run))
+    finally:
+        torch.set_num_threads(threads)

@@ -194,7 +194,7 @@ class MoleculeEncoder(nn.Module):
         gather: an environment's gradient is the sum of its atoms')."""
         if self.kind == "gine":
             features, rows, segment = self.forward_distinct(graphs)
-            return features[rows], segment
+            return F.embedding(rows, features), segment
         h = self.mol2vec(graphs.morgan)
         for i, conv in enumerate(self.convs):
             h = conv(h, graphs.edge_index)
@@ -225,9 +225,12 @@ class MoleculeEncoder(nn.Module):
             morgan, morgan_row = torch.unique(graphs.morgan, return_inverse=True)
             colour, count = _compress(atom_row * len(morgan) + morgan_row)
             first = _first_of_each(colour, count)
-            inputs = inputs[atom_row[first]] + self.mol2vec_proj(self.mol2vec(morgan))[morgan_row[first]]
+            inputs = (F.embedding(atom_row[first], inputs)
+                      + F.embedding(morgan_row[first], self.mol2vec_proj(self.mol2vec(morgan))))
         bonds, bond_row = _distinct_rows(graphs.edge_attr)
         source, target = graphs.edge_index
+        # rows are gathered with F.embedding, not indexing: its backward sums repeated rows in a fixed
+        # order (indexing's backward on CPU did not: runs of the same seed drifted apart at 1e-8)
         h = inputs  # (count, hidden): one row per colour
         for i, (conv, bond_encoder) in enumerate(zip(self.convs, self.bonds)):
             neighbour = colour[source] * len(bonds) + bond_row  # what each edge brings to its target
@@ -237,7 +240,7 @@ class MoleculeEncoder(nn.Module):
             # message once, summed with its multiplicity by one sparse product
             edges = first[next_colour[target]] == target
             pairs, pair_of_edge = torch.unique(neighbour[edges], return_inverse=True)
-            messages = F.relu(h[pairs // len(bonds)] + bond_encoder(bonds)[pairs % len(bonds)])
+            messages = F.relu(F.embedding(pairs // len(bonds), h) + F.embedding(pairs % len(bonds), bond_encoder(bonds)))
             entries, multiplicity = torch.unique(next_colour[target[edges]] * len(pairs) + pair_of_edge,
                                                  return_counts=True)  # sorted by row: CSR order
             crow = torch.zeros(next_count + 1, dtype=torch.long, device=h.device)
@@ -246,7 +249,7 @@ class MoleculeEncoder(nn.Module):
                 warnings.simplefilter("ignore", UserWarning)
                 aggregated = torch.sparse_csr_tensor(crow, entries % len(pairs), multiplicity.to(messages.dtype),
                                                      (next_count, len(pairs))) @ messages
-            h = blas_sequential(conv.nn, (1 + conv.eps) * h[colour[first]] + aggregated)
+            h = blas_sequential(conv.nn, (1 + conv.eps) * F.embedding(colour[first], h) + aggregated)
             h = F.relu(h) if i < len(self.convs) - 1 else h
             colour, count = next_colour, next_count
         return self.norm(blas_sequential(self.mlp, h)), colour, graphs.batch

@@ -44,9 +44,10 @@ def peak_rss_mib() -> float:
 def prepare(config, rank: int = 0, world_size: int = 1):
     from tmr.data import load_splits, resolve_data_root
     from tmr.model import create_model
-    from tmr.train import make_collator, make_loader, seed_everything
+    from tmr.train import keep_freed_memory, make_collator, make_loader, seed_everything
 
     seed_everything(config.train.seed)
+    keep_freed_memory()  # as the training loops do
     splits = load_splits(resolve_data_root(config.data), max_train_pairs=config.train.max_train_pairs,
                          corpus=config.corpus)
     model = create_model(config.model)

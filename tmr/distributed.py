@@ -118,8 +118,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
     from tmr.data import load_splits, resolve_data_root
     from tmr.losses import AlignmentLoss
     from tmr.model import create_model
-    from tmr.train import (critic_update, epoch_pools, epoch_record, evaluate, make_collator, make_loader,
-                           recalibrate_norm, seed_everything, to_device)
+    from tmr.train import (critic_update, epoch_pools, epoch_record, evaluate, keep_freed_memory, make_collator,
+                           make_loader, recalibrate_norm, seed_everything, to_device)
 
     config = config_from_dict(loop_config["run"])
     context = ray.train.get_context()
@@ -127,6 +127,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     use_gpu = torch.cuda.is_available() and config.train.use_gpu
     torch.set_num_threads(max(1, int(loop_config.get("threads_per_worker", 1))))
     seed_everything(config.train.seed)
+    keep_freed_memory()
     local_rank = context.get_local_rank()
     splits = once_per_node(local_rank, lambda: load_splits(resolve_data_root(config.data),
                                                             max_train_pairs=config.train.max_train_pairs,

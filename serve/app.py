@@ -217,12 +217,15 @@ class Ingress:
                 results = await self._search(self.molecule_shards, vector, k)
         else:
             total, looked_at = self.info_["molecules"]["count"], min(max(4 * k, 100), MAX_LOOKED_AT)
+            verdicts: dict[str, bool] = {}  # by SMILES: a wider search re-checks none of the earlier candidates
             while True:
                 with timings.stage("search"):
                     candidates = await self._search(self.molecule_shards, vector, min(looked_at, total))
                 with timings.stage("filter"):
-                    passed = await asyncio.to_thread(
-                        lambda: [c for c in candidates if wanted.accepts(c["smiles"], c.get("properties"))])
+                    unseen = [c for c in candidates if c["smiles"] not in verdicts]
+                    verdicts.update(await asyncio.to_thread(
+                        lambda: {c["smiles"]: wanted.accepts(c["smiles"], c.get("properties")) for c in unseen}))
+                    passed = [c for c in candidates if verdicts[c["smiles"]]]
                 if len(passed) >= k or looked_at >= min(total, MAX_LOOKED_AT):
                     break
                 looked_at = min(looked_at * 4, MAX_LOOKED_AT)

@@ -239,9 +239,11 @@ def test_inference_path_equals_the_training_path(chebi_root):
     (texts, molecules, pooled), (fast_texts, fast_molecules, fast_pooled) = outputs
     assert torch.allclose(texts, fast_texts, atol=1e-5)
     assert torch.allclose(molecules, fast_molecules, atol=1e-5) and torch.allclose(pooled, fast_pooled, atol=1e-5)
-    nodes, rows, segment = model.molecule_encoder.forward_distinct(graphs)
+    with torch.no_grad():  # the inference path (OpenBLAS) against PyG's layers atom by atom, not against itself
+        nodes, rows, segment = model.molecule_encoder.forward_distinct(graphs)
+        reference = gine_atom_by_atom(model.molecule_encoder, graphs)
     assert len(nodes) < 0.8 * graphs.num_nodes  # environments really are shared (and each computed once)
-    assert torch.allclose(nodes[rows], model.molecule_encoder(graphs)[0].detach(), atol=1e-5)
+    assert torch.allclose(nodes[rows], reference, atol=1e-5)
 
 
 def gine_atom_by_atom(encoder, graphs):

@@ -45,7 +45,13 @@ SERVE_ENV = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_HA_PROXY":
 # user in a replica (faiss) reads OMP_NUM_THREADS, which Ray sets for no replica with a fractional CPU,
 # so without it each would start a team the size of the machine beside them (docs/serving.md).
 REPLICA_THREADS = int(os.environ.get("TMR_SERVE_THREADS", "1"))
-REPLICA_ENV = {"OMP_NUM_THREADS": str(REPLICA_THREADS), "TMR_SERVE_THREADS": str(REPLICA_THREADS)}
+# Ray starts every worker at nice 15, so that its own processes come first; a replica answering queries is
+# the work here, and at 15 it yields its core to anything else on the machine (the load client, HAProxy at 0).
+# Ray's job manager sets its supervisor to 0 the same way (runtime_env RAY_worker_niceness); measured in
+# docs/serving.md. TMR_SERVE_NICENESS=15 gives Ray's default back.
+REPLICA_NICENESS = os.environ.get("TMR_SERVE_NICENESS", "0")
+REPLICA_ENV = {"OMP_NUM_THREADS": str(REPLICA_THREADS), "TMR_SERVE_THREADS": str(REPLICA_THREADS),
+               "RAY_worker_niceness": REPLICA_NICENESS}
 
 
 def replica_options(num_cpus: float) -> dict:
@@ -199,9 +205,13 @@ class Ingress:
             return idempotent(shard.search, vector, k)
 
         answers = await asyncio.gather(*[ask(shard) for shard in shards])
+        if len(answers) == 1:  # one shard's answer is already the top k, in order
+            scores, _, records = answers[0]
+            return [{"rank": i + 1, "score": float(score), **record}
+                    for i, (score, record) in enumerate(zip(scores.tolist(), records))]
         scores, rows = merge_top_k([(s[None, :], r[None, :]) for s, r, _ in answers], k)
-        records = {int(r): rec for _, rs, recs in answers for r, rec in zip(rs, recs)}
-        return [{"rank": i + 1, "score": float(score), **records[int(row)]}
+        by_row = {int(r): rec for _, rs, recs in answers for r, rec in zip(rs, recs)}
+        return [{"rank": i + 1, "score": float(score), **by_row[int(row)]}
                 for i, (score, row) in enumerate(zip(scores[0], rows[0]))]
 
     async def _molecules(self, vector: np.ndarray, k: int, filters: Filters | None, timings: Timings,
@@ -350,6 +360,7 @@ class Ingress:
                 "text_engine": self.local.engine if self.local else await self.encoder.engine.remote(),
                 "encode_in_ingress": self.local is not None, "search_in_ingress": all(in_ingress),
                 "threads": {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"), "torch": torch.get_num_threads()},
+                "niceness": os.nice(0),
                 "text_batches": self.text_batcher.stats() if self.text_batcher else None}
 
 

@@ -1,6 +1,8 @@
 """The Serve app over HTTP on a local Ray: answers equal the library's brute-force search, a sharded
 index (4 shards) answers as the unsharded one, and every client mistake gets its 4xx with the reason."""
 
+import os
+
 import numpy as np
 import pytest
 
@@ -96,6 +98,8 @@ def test_malformed_json_health_info_and_embed(served):
     assert info["search_in_ingress"] and [s["rows"] for s in info["molecule_shards"]] == [120]
     # threads set explicitly in the replica (Ray sets no OMP_NUM_THREADS for a fractional CPU)
     assert info["threads"] == {"OMP_NUM_THREADS": "1", "torch": 1}
+    # and at the priority of the process that started Ray, not Ray's worker default (nice 15)
+    assert info["niceness"] == os.nice(0)
     sharded = client.get("/sharded/info").json()
     assert not sharded["search_in_ingress"] and [s["rows"] for s in sharded["molecule_shards"]] == [30] * 4
     embedded = client.post("/embed", json={"texts": [QUERY], "smiles": ["CCO"]}).json()

@@ -148,12 +148,16 @@ def bare_library(model_dir: str, index_dir: str, queries: list[str], k: int = 10
     encode, engine = text_encoder_for(model, model_dir, threads)
     for text in queries[:5]:
         encode([text])
-    latencies = []
+    latencies, encode_ms, encode_cpu_ms, search_ms = [], [], [], []
     for text in queries:
-        started = time.perf_counter()
-        scores, rows = index.search(encode([text]).numpy(), k)
+        started, started_cpu = time.perf_counter(), time.thread_time()
+        vector = encode([text]).numpy()
+        encode_ms.append(1000 * (time.perf_counter() - started))
+        encode_cpu_ms.append(1000 * (time.thread_time() - started_cpu))
+        scores, rows = index.search(vector, k)
         index.records(rows[0])
         latencies.append(time.perf_counter() - started)
+        search_ms.append(1000 * latencies[-1] - encode_ms[-1])
     # the encoder's own ceiling: batches of 32 (the served batch size), texts per second
     started = time.perf_counter()
     for i in range(0, len(queries), 32):
@@ -161,6 +165,9 @@ def bare_library(model_dir: str, index_dir: str, queries: list[str], k: int = 10
     ceiling = len(queries) / (time.perf_counter() - started)
     return {"requests": len(queries), "engine": engine, "threads": threads, "p50_ms": 1000 * percentile(latencies, 50),
             "p99_ms": 1000 * percentile(latencies, 99), "qps": len(queries) / sum(latencies),
+            # the stages a served request reports as forward / forward_cpu / search, here in one thread
+            "stages_p50_ms": {"encode": percentile(encode_ms, 50), "encode_cpu": percentile(encode_cpu_ms, 50),
+                              "search_and_records": percentile(search_ms, 50)},
             "encoder_batched_texts_per_s": ceiling}
 
 

@@ -129,8 +129,11 @@ class ShardIndex:
         self.search(np.zeros(self.index.manifest["dim"], dtype=np.float32), 10)  # warm up (pages the index in)
 
     def search(self, query: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, list[dict]]:
+        """The top k found (fewer when the approximate index finds fewer: a wide filtered search)."""
         scores, rows = self.index.search(query[None, :], k)
-        return scores[0], rows[0], self.index.records(rows[0])
+        found = rows[0] >= 0
+        scores, rows = scores[0][found], rows[0][found]
+        return scores, rows, self.index.records(rows)
 
     def placement(self) -> dict:
         import ray

@@ -118,6 +118,35 @@ def test_approximate_index_is_tuned_to_the_recall_target_on_held_out_queries(mos
     assert recall_at_10(RetrievalIndex(tmp_path / index_type).index, queries["held_out_molecules"], exact) >= 0.97
 
 
+def test_a_search_that_finds_fewer_than_k_returns_only_what_it_found(moses_slice, tiny_model, tmp_path):
+    """An approximate index can find fewer than k (a filtered search asks for up to 20,000; HNSW at
+    efSearch 2048 found 8,349 of 20,000 over 1M MOSES). faiss marks the rest -1, which used to index
+    the library's last row: the served candidates then held it 11,651 times, scored -3.4e38. Now the
+    places stay -1, reading a -1 (or another shard's row) is an error, and a shard answers what it found."""
+    from serve.app import ShardIndex
+    from tmr.index import RetrievalIndex
+
+    build_index(moses_slice, tiny_model, tmp_path / "ivf", index_type="ivf", chunk_size=500, use_ray=False,
+                progress=False, params={"nlist": 8})
+    index = RetrievalIndex(tmp_path / "ivf")
+    index.index.nprobe = 1  # one list of eight: about an eighth of the library is reachable
+    query = np.load(tmp_path / "ivf" / "embeddings.npy")[:1]
+    scores, rows = index.search(query, len(index))
+    found = rows[0] >= 0
+    assert 0 < found.sum() < len(index) and (rows[0][~found] == -1).all() and found[:found.sum()].all()
+    assert len(set(rows[0][found].tolist())) == found.sum() and rows[0][0] == 0  # distinct, itself first
+    with pytest.raises(KeyError, match="not in this index"):
+        index.records(rows[0])
+    assert [r["smiles"] for r in index.records(rows[0][found])] == [index.record(int(r))["smiles"] for r in rows[0][found]]
+    with pytest.raises(KeyError, match="not in this index"):
+        RetrievalIndex(tmp_path / "ivf", 1, 2).records([0])  # row 0 lives in shard 0 of 2
+    shard = ShardIndex(str(tmp_path / "ivf"))
+    shard.index.index.nprobe = 1
+    shard_scores, shard_rows, records = shard.search(query[0], len(index))
+    assert shard_rows.tolist() == rows[0][found].tolist() and np.allclose(shard_scores, scores[0][found])
+    assert [r["smiles"] for r in records] == [index.record(int(r))["smiles"] for r in shard_rows]
+
+
 def test_an_index_stores_what_a_served_result_shows_for_each_molecule(moses_slice, tiny_model, tmp_path):
     """InChIKey and properties are computed once at build, and equal to tmr.chem's for every row,
     in the whole index and in each shard of it."""

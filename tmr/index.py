@@ -251,20 +251,29 @@ class RetrievalIndex:
         return len(self.rows)
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """(scores, global rows), each (Q, min(k, len)), best first; cosine similarity of unit vectors."""
+        """(scores, global rows), each (Q, min(k, len)), best first; cosine similarity of unit vectors.
+        An approximate index can find fewer than k (HNSW asked for more than its search reaches, IVF
+        for more than its probed lists hold): those places hold row -1, as faiss marks them."""
         k = min(k, len(self))
         queries = np.ascontiguousarray(queries, dtype=np.float32)
         if self.vectors is None:
             scores, local = self.index.search(queries, k)
         else:
             scores, local = exact_search(self.vectors, queries, k)
-        return scores, self.rows[local]
+        # faiss' -1 would index the last row: keep it -1
+        return scores, np.where(local >= 0, self.rows[np.maximum(local, 0)], -1)
 
     def records(self, global_rows) -> list[dict]:
         """The metadata rows of these global row numbers, in their order. A molecule index built
         before decorations were stored (no inchikey / properties columns) gets them computed here,
         so every reader sees the same rows whichever build wrote the index."""
-        positions = np.searchsorted(self.rows, np.asarray(global_rows, dtype=np.int64))
+        global_rows = np.asarray(global_rows, dtype=np.int64)
+        if len(global_rows) == 0:
+            return []
+        positions = np.minimum(np.searchsorted(self.rows, global_rows), len(self.rows) - 1)
+        missing = self.rows[positions] != global_rows  # -1 (a place the search found nothing for), another shard's
+        if missing.any():
+            raise KeyError(f"rows not in this index: {global_rows[missing][:5].tolist()}")
         rows = self.metadata.take(positions).to_pylist()
         if self.manifest.get("kind") == "molecule" and "inchikey" not in self.metadata.column_names:
             from tmr.chem import inchikey, properties

@@ -2,7 +2,7 @@
 
     python jobs/index.py --model runs/cpu/best --out runs/index/molecules              # ChEBI-20 (all splits present)
     python jobs/index.py --model runs/cpu/best --library ../shared/data/moses/train.csv.gz --limit 1000000 \\
-        --index hnsw --actors 2 --out runs/index/moses_1m
+        --index ivf --actors 2 --out runs/index/moses_1m        # IVF: text queries find their neighbours ~2x cheaper than in HNSW
     python jobs/index.py --model runs/cpu/best --kind text --out runs/index/texts      # ChEBI-20 descriptions
     python jobs/index.py --from-index runs/index/moses_1m --index ivf --out runs/index/moses_1m_ivf  # no new embedding
 

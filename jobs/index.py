@@ -2,9 +2,9 @@
 
     python jobs/index.py --model runs/cpu/best --out runs/index/molecules              # ChEBI-20 (all splits present)
     python jobs/index.py --model runs/cpu/best --library ../shared/data/moses/train.csv.gz --limit 1000000 \\
-        --index ivf --actors 2 --out runs/index/moses_1m        # IVF: text queries find their neighbours ~2x cheaper than in HNSW
+        --index hnsw --actors 2 --out runs/index/moses_1m       # HNSW (M 48): 1.1 ms a text query at recall@10 0.95
     python jobs/index.py --model runs/cpu/best --kind text --out runs/index/texts      # ChEBI-20 descriptions
-    python jobs/index.py --from-index runs/index/moses_1m --index ivf --out runs/index/moses_1m_ivf  # no new embedding
+    python jobs/index.py --from-index runs/index/moses_1m --index ivf --index-param nlist=4096 --out runs/index/moses_1m_ivf  # no new embedding
 
 Libraries: SMILES / CSV / TSV (an id column, else the row number) or SDF, each optionally .gz.
 Work is cut into chunks embedded in parallel by Ray Data actors (`--actors`, `--threads` each) with
@@ -49,7 +49,7 @@ def main() -> None:
     parser.add_argument("--from-index", help="an index directory to rebuild with another --index (and --index-param), "
                         "reusing its embeddings and metadata")
     parser.add_argument("--index-param", action="append", default=[], metavar="NAME=INT",
-                        help="an ANN build parameter: M, efConstruction (hnsw), nlist (ivf, ivfpq); repeatable")
+                        help="an ANN build parameter: M, efConstruction (hnsw; default 48, 200), nlist (ivf, ivfpq); repeatable")
     parser.add_argument("--library", help="SMILES / CSV / TSV / SDF, optionally .gz; default: ChEBI-20, every split present")
     parser.add_argument("--limit", type=int, help="index only the first N rows of the library")
     parser.add_argument("--data", help="ChEBI-20 data root (for the default library)")

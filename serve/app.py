@@ -5,7 +5,8 @@
     TextShard x N (texts, for /describe)        ─┘    merges top-k across shards
 
 A single-shard library (the default, shards=1) is searched in the ingress itself, as its query is
-encoded there: a search then makes no hop between replicas.
+encoded there: a search then makes no hop between replicas, and a search alone in the ingress no
+hop between threads either (ALONE_MAX_K).
 
 Start Ray with Serve's high-throughput mode (SERVE_ENV below, in the environment of `serve run` or
 `ray start`): HAProxy in front, the ingress replica serving HTTP itself, gRPC between replicas, in
@@ -60,6 +61,11 @@ def replica_options(num_cpus: float) -> dict:
 
 MAX_BODY_BYTES = 64 * 1024
 MAX_LOOKED_AT = 20_000  # candidates a filtered search may examine before it reports how many passed
+# A search alone in the ingress runs its short text's forward and its search (up to this k) in the event loop's
+# thread: a hop to a worker thread and back wakes a sleeping core each way, ~0.1-0.2 ms on these VMs, the part
+# of Serve's overhead over the bare library that lay inside the handler (docs/serving.md). Under load (another
+# search in flight) both go to worker threads as before, so that the loop stays free for the others.
+ALONE_MAX_K = 100
 WARM_UP_DESCRIPTION = ("The molecule is a monocarboxylic acid that is propanoic acid in which one of the hydrogens at "
                        "position 2 is substituted by a 4-(2-methylpropyl)phenyl group. It has a role as a "
                        "non-steroidal anti-inflammatory drug, a cyclooxygenase 2 inhibitor and a drug allergen.")
@@ -182,6 +188,7 @@ class Ingress:
             self.molecule_shards = [ShardIndex(local_indexes["molecules"])]
             self.text_shards = [ShardIndex(local_indexes["texts"])] if local_indexes.get("texts") else []
         self.query_cache = QueryCache()
+        self.searches_in_flight = 0  # searches (text, structure, describe, export) this replica is answering now
         # a search's one query encoded here, in a worker thread (ONNX Runtime and torch release the GIL):
         # no hop to the Encoder and no batch window (measured: docs/serving.md)
         self.local = QueryEncoder(model_dir) if model_dir else None
@@ -193,6 +200,8 @@ class Ingress:
         if self.local is None:
             return await idempotent(self.encoder.text if kind == "text" else self.encoder.molecule, value)
         if kind == "text" and self.text_batcher is not None:
+            if self.searches_in_flight == 1 and len(value) <= self.text_batcher.max_chars:
+                return self.text_batcher.encode_here(value)  # alone, and short: no hop (ALONE_MAX_K)
             return await self.text_batcher(value)
         # one query per call, in the default executor's threads: concurrent queries run side by side on the cores
         encode = self.local.text if kind == "text" else self.local.molecules
@@ -206,7 +215,10 @@ class Ingress:
                 return asyncio.to_thread(shard.search, vector, k)
             return idempotent(shard.search, vector, k)
 
-        answers = await asyncio.gather(*[ask(shard) for shard in shards])
+        if len(shards) == 1 and isinstance(shards[0], ShardIndex) and self.searches_in_flight == 1 and k <= ALONE_MAX_K:
+            answers = [shards[0].search(vector, k)]  # alone: in this thread, no hop (ALONE_MAX_K)
+        else:
+            answers = await asyncio.gather(*[ask(shard) for shard in shards])
         if len(answers) == 1:  # one shard's answer is already the top k, in order
             scores, _, records = answers[0]
             return [{"rank": i + 1, "score": float(score), **record}
@@ -259,6 +271,13 @@ class Ingress:
             return {**answer, "results": await asyncio.to_thread(lambda: [decorate(r) for r in results])}  # Tanimoto
 
     async def _answer(self, mode: str, query, timings: Timings | None = None) -> dict:
+        self.searches_in_flight += 1
+        try:
+            return await self._answer_one(mode, query, timings)
+        finally:
+            self.searches_in_flight -= 1
+
+    async def _answer_one(self, mode: str, query, timings: Timings | None) -> dict:
         timings = timings or Timings()
         timings.activate()  # this request's task (and the encoding it starts) reports into it
         if mode == "text":

@@ -2,8 +2,10 @@
 and 32 for two kinds of real query, reported apart with their token lengths: short user-style
 sentences and ChEBI-20 validation descriptions, every measured query distinct (none answered from
 the query cache; repeats are measured apart). In the same run: the same queries through the bare
-library in one process with the replica's text engine (the Serve overhead as a ratio), the
-encoder's own batched throughput (the ceiling c=32 is a share of), the first query after deploy,
+library in one process with the replica's text engine (the Serve overhead as a ratio, from the two
+asked query by query in alternating order, so that both meet the machine in the same minute), the
+encoder's own batched throughput right before and after the c=32 run (the ceiling c=32 is a share
+of their mean), the first query after deploy,
 where a request's time goes (the p50 of each stage the ingress reports in its Server-Timing header:
 encode, search, decorate, and what lies outside its handler) and a fuzz run.
 
@@ -135,40 +137,81 @@ def session(port: int, kind: str = "aiohttp"):
                                  timeout=aiohttp.ClientTimeout(total=120))
 
 
-def bare_library(model_dir: str, index_dir: str, queries: list[str], k: int = 10, threads: int = 1) -> dict:
-    """The same queries through the library in this process, with the engine a replica uses."""
-    import torch
+class BareLibrary:
+    """The library in this process, with the engine a replica uses: what a user calling tmr gets."""
 
-    from tmr.fast_text import text_encoder_for
-    from tmr.index import RetrievalIndex
-    from tmr.model import from_pretrained
+    def __init__(self, model_dir: str, index_dir: str, threads: int = 1):
+        import torch
 
-    torch.set_num_threads(threads)
-    model, index = from_pretrained(model_dir), RetrievalIndex(index_dir)
-    encode, engine = text_encoder_for(model, model_dir, threads)
-    for text in queries[:5]:
-        encode([text])
-    latencies, encode_ms, encode_cpu_ms, search_ms = [], [], [], []
-    for text in queries:
+        from tmr.fast_text import text_encoder_for
+        from tmr.index import RetrievalIndex
+        from tmr.model import from_pretrained
+
+        torch.set_num_threads(threads)
+        self.threads, self.index = threads, RetrievalIndex(index_dir)
+        self.encode, self.engine = text_encoder_for(from_pretrained(model_dir), model_dir, threads)
+
+    def query(self, text: str, k: int = 10) -> dict:
+        """One query end to end (ms), and its stages: the encode's wall and CPU time, the search with its records."""
         started, started_cpu = time.perf_counter(), time.thread_time()
-        vector = encode([text]).numpy()
-        encode_ms.append(1000 * (time.perf_counter() - started))
-        encode_cpu_ms.append(1000 * (time.thread_time() - started_cpu))
-        scores, rows = index.search(vector, k)
-        index.records(rows[0])
-        latencies.append(time.perf_counter() - started)
-        search_ms.append(1000 * latencies[-1] - encode_ms[-1])
-    # the encoder's own ceiling: batches of 32 (the served batch size), texts per second
-    started = time.perf_counter()
-    for i in range(0, len(queries), 32):
-        encode(queries[i:i + 32])
-    ceiling = len(queries) / (time.perf_counter() - started)
-    return {"requests": len(queries), "engine": engine, "threads": threads, "p50_ms": 1000 * percentile(latencies, 50),
-            "p99_ms": 1000 * percentile(latencies, 99), "qps": len(queries) / sum(latencies),
-            # the stages a served request reports as forward / forward_cpu / search, here in one thread
-            "stages_p50_ms": {"encode": percentile(encode_ms, 50), "encode_cpu": percentile(encode_cpu_ms, 50),
-                              "search_and_records": percentile(search_ms, 50)},
-            "encoder_batched_texts_per_s": ceiling}
+        vector = self.encode([text]).numpy()
+        encode_ms, encode_cpu_ms = 1000 * (time.perf_counter() - started), 1000 * (time.thread_time() - started_cpu)
+        _, rows = self.index.search(vector, k)
+        self.index.records(rows[0])
+        total = 1000 * (time.perf_counter() - started)
+        return {"ms": total, "encode": encode_ms, "encode_cpu": encode_cpu_ms, "search_and_records": total - encode_ms}
+
+    def run(self, queries: list[str]) -> dict:
+        for text in queries[:5]:
+            self.encode([text])
+        timed = [self.query(text) for text in queries]
+        latencies = [t["ms"] for t in timed]
+        return {"requests": len(queries), "engine": self.engine, "threads": self.threads,
+                "p50_ms": percentile(latencies, 50), "p99_ms": percentile(latencies, 99), "qps": 1000 * len(timed) / sum(latencies),
+                # the stages a served request reports as forward / forward_cpu / search, here in one thread
+                "stages_p50_ms": {name: percentile([t[name] for t in timed], 50)
+                                  for name in ("encode", "encode_cpu", "search_and_records")}}
+
+    def ceiling(self, queries: list[str]) -> float:
+        """The encoder's own throughput, texts per second: batches of 32 (the served batch size), one thread."""
+        started = time.perf_counter()
+        for i in range(0, len(queries), 32):
+            self.encode(queries[i:i + 32])
+        return len(queries) / (time.perf_counter() - started)
+
+
+async def paired(client: aiohttp.ClientSession, bare: BareLibrary, texts: list[str]) -> dict:
+    """Serve and the bare library on the same queries, query by query, in alternating order: both meet the
+    machine in the same minute. These shared cores drift by 10-20% from one minute to the next (the same
+    forward's CPU time went from 8.2 to 10.2 ms between the phases of one run), and a ratio of two phases
+    measured a minute apart carried that drift into what it calls Serve's overhead."""
+    served, stages, alone = [], [], []
+
+    async def ask(text: str) -> None:
+        started = time.perf_counter()
+        async with client.post("/search/text", json={"text": text, "k": 10}) as response:
+            await response.read()
+        if response.status != 200:
+            raise RuntimeError(f"/search/text answered {response.status}")
+        served.append(1000 * (time.perf_counter() - started))
+        stages.append(Timings.parse(response.headers.get("server-timing", "")))
+
+    for i, text in enumerate(texts):
+        if i % 2:
+            alone.append(bare.query(text))
+            await ask(text)
+        else:
+            await ask(text)
+            alone.append(bare.query(text))
+    bare_ms = [a["ms"] for a in alone]
+    return {"requests": len(texts), "served_p50_ms": percentile(served, 50), "bare_p50_ms": percentile(bare_ms, 50),
+            "ratio_p50": percentile(served, 50) / percentile(bare_ms, 50),
+            "ratio_of_pairs_p50": percentile([s / b for s, b in zip(served, bare_ms)], 50),
+            # the same forward's CPU time in the replica and here, and the two searches
+            "served_stages_p50_ms": {name: percentile([t.get(name, 0.0) for t in stages], 50)
+                                     for name in ("forward", "forward_cpu", "encode", "search", "handler")},
+            "bare_stages_p50_ms": {name: percentile([a[name] for a in alone], 50)
+                                   for name in ("encode", "encode_cpu", "search_and_records")}}
 
 
 def decoration_cost(index_dir: str, count: int = 2000) -> dict:
@@ -339,11 +382,17 @@ def main() -> None:
         async def measure(warm: list[str], measured: list[str]):
             async with session(port, args.client) as client:
                 await load(client, "/search/text", [{"text": q, "k": 10} for q in warm], 4)
-                runs = {}
+                runs, extra = {}, {}
                 for c in (1, 8, 32):  # a suffix per level: every measured query is new to the query cache
+                    if c == 32:  # the ceiling measured right before and right after: the share of their mean
+                        ceilings = [bare.ceiling([f"{q} (ceiling)" for q in measured])]
                     runs[c] = await load(client, "/search/text", [{"text": f"{q} ({c})", "k": 10} for q in measured], c)
-                repeats = await load(client, "/search/text", [{"text": f"{q} (1)", "k": 10} for q in measured[:50]], 1)
-                return runs, repeats
+                    if c == 1:
+                        extra["paired"] = await paired(client, bare, [f"{q} (paired)" for q in measured])
+                ceilings.append(bare.ceiling([f"{q} (ceiling)" for q in measured]))
+                extra["ceilings"] = ceilings
+                extra["repeats"] = await load(client, "/search/text", [{"text": f"{q} (1)", "k": 10} for q in measured[:50]], 1)
+                return runs, extra
 
         async def first_query():
             async with session(port, args.client) as client:
@@ -352,12 +401,21 @@ def main() -> None:
 
         result = {"count": library["count"], "index": library["index"], "recall_at_10": library.get("recall_at_10"),
                   "search_params": library.get("search_params"), "first_query_after_deploy": asyncio.run(first_query())}
+        bare = BareLibrary(args.model, library["path"])
         for kind, texts in sets.items():
-            runs, repeats = asyncio.run(measure(texts[:10], texts[10:]))
-            bare = bare_library(args.model, library["path"], [f"{q} (bare)" for q in texts[10:]])
-            result[kind] = {"http": list(runs.values()), "repeated_queries_c1": repeats, "bare_library": bare,
-                            "serve_overhead_p50_ratio_c1": runs[1]["p50_ms"] / bare["p50_ms"],
-                            "c32_qps_share_of_encoder_ceiling": runs[32]["qps"] / bare["encoder_batched_texts_per_s"]}
+            runs, extra = asyncio.run(measure(texts[:10], texts[10:]))
+            alone = bare.run([f"{q} (bare)" for q in texts[10:]])
+            ceiling = float(np.mean(extra["ceilings"]))
+            result[kind] = {"http": list(runs.values()), "repeated_queries_c1": extra["repeats"],
+                            "bare_library": {**alone, "encoder_batched_texts_per_s": ceiling,
+                                             "encoder_batched_texts_per_s_before_after_c32": extra["ceilings"]},
+                            "paired_c1": extra["paired"],
+                            # Serve over the bare library at one query at a time, query by query (paired above)
+                            "serve_overhead_p50_ratio_c1": extra["paired"]["ratio_p50"],
+                            # the same from two phases a minute apart (the c=1 run, then bare.run): drift included
+                            "serve_overhead_p50_ratio_c1_separate_phases": runs[1]["p50_ms"] / alone["p50_ms"],
+                            "c32_qps_share_of_encoder_ceiling": runs[32]["qps"] / ceiling}
+        del bare
         # the first query is a ChEBI-20 description: against the steady c=1 p50 of those
         result["first_query_after_deploy"]["over_steady_p50"] = (
             result["first_query_after_deploy"]["ms"] / result["chebi"]["http"][0]["p50_ms"])

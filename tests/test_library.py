@@ -98,7 +98,7 @@ def test_a_killed_build_resumes_and_ends_with_the_same_index(moses_slice, tiny_m
 
 @pytest.mark.parametrize("index_type", ["hnsw", "ivf"])
 def test_approximate_index_is_tuned_to_the_recall_target_on_held_out_queries(moses_slice, tiny_model, tmp_path, index_type):
-    from tmr.index import RetrievalIndex, exact_top_k, recall_at_10
+    from tmr.index import HNSW_BUILD, RetrievalIndex, exact_top_k, recall_at_10
     from tmr.model import from_pretrained
 
     with gzip.open(MOSES, "rt") as handle:
@@ -110,6 +110,10 @@ def test_approximate_index_is_tuned_to_the_recall_target_on_held_out_queries(mos
     assert manifest["recall_at_10"]["held_out_molecules"] >= 0.97 and parameter in manifest["search_params"]
     assert [point[parameter] for point in manifest["recall_curve"]][-1] == manifest["search_params"][parameter]
     assert manifest["memory_per_million_bytes"]["fp32"] == manifest["dim"] * 4 * 10**6
+    if index_type == "hnsw":  # built as the manifest says: the denser graph text queries need (tmr.index.HNSW_BUILD)
+        loaded = RetrievalIndex(tmp_path / index_type)  # held: `.index.hnsw` is a view into the faiss index it owns
+        graph = loaded.index.hnsw
+        assert manifest["build_params"] == HNSW_BUILD == {"M": graph.nb_neighbors(1), "efConstruction": graph.efConstruction}
     embeddings = np.load(tmp_path / index_type / "embeddings.npy")
     exact = exact_top_k(queries["held_out_molecules"], embeddings)
     for shards in (1, 2):  # loaded from disk, or rebuilt per shard with the manifest's parameters

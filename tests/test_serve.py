@@ -112,6 +112,25 @@ def test_malformed_json_health_info_and_embed(served):
     assert np.allclose(embedded["smiles"][0], model.encode_molecule(["CCO"])[0].numpy(), atol=1e-5)
 
 
+def test_a_lone_search_is_encoded_in_the_ingress_thread_with_the_answer_concurrent_ones_get(served):
+    """A search alone in the ingress is encoded (and searched) in the event loop's thread, with no hop to
+    a worker (counted apart); searches in flight together go through the batcher. The same answers."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    client, _ = served
+    texts = [f"The molecule is a steroid ester, number {i}." for i in range(12)]
+    before = client.get("/info").json()["text_batches"]
+    alone = [client.post("/search/text", json={"text": text, "k": 5}).json()["results"] for text in texts[:3]]
+    middle = client.get("/info").json()["text_batches"]
+    assert middle["in_caller"] == before["in_caller"] + 3 and middle["queries"] == before["queries"] + 3
+    with ThreadPoolExecutor(12) as pool:  # 12 at once, each with a new text (the cache answers none)
+        together = list(pool.map(lambda t: client.post("/search/text", json={"text": t + " ", "k": 5}).json(), texts))
+    after = client.get("/info").json()["text_batches"]
+    assert after["queries"] == middle["queries"] + 12
+    # trailing space: the same tokens, so the same vector up to the engine's rounding
+    assert [[r["id"] for r in answer["results"]] for answer in together[:3]] == [[r["id"] for r in a] for a in alone]
+
+
 def test_a_repeated_query_is_answered_from_the_query_cache_with_the_same_answer(served):
     client, _ = served
     query = {"text": "The molecule is a short-chain fatty acid found in milk.", "k": 5}
@@ -200,7 +219,7 @@ def test_concurrent_text_queries_share_forwards_of_similar_length_and_each_gets_
         for text, answer in zip(["first", shorts[0], longs[0], *shorts[1:], *longs[1:]], answers):
             assert np.array_equal(answer, vectors[text]), text
         assert batches == [["first"], shorts, *[[text] for text in longs]]
-        assert batcher.stats() == {"batches": 5, "queries": 10}
+        assert batcher.stats() == {"batches": 5, "queries": 10, "in_caller": 0}
         with pytest.raises(RuntimeError, match="encoder failed"):
             await batcher("boom")
         assert np.array_equal(await batcher("fine"), vectors["fine"])
@@ -209,6 +228,12 @@ def test_concurrent_text_queries_share_forwards_of_similar_length_and_each_gets_
         assert np.array_equal(await batcher("slow"), vectors["slow"])
         assert 50 <= timings.stages["forward"] < 1000
         assert timings.stages["forward_cpu"] < 25  # sleeping took the forward's time, not its CPU
+        # a query alone in its replica is encoded in the caller's thread, timed and counted as a batch of one
+        here = Timings()
+        here.activate()
+        assert threading.current_thread() is threading.main_thread()
+        assert np.array_equal(batcher.encode_here("slow"), vectors["slow"]) and batches[-1] == ["slow"]
+        assert 50 <= here.stages["forward"] < 1000 and batcher.stats()["in_caller"] == 1
 
     asyncio.run(scenario())
 

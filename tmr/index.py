@@ -54,16 +54,28 @@ PUBCHEM_COMPOUND = "https://pubchem.ncbi.nlm.nih.gov/compound/{id}"
 INDEX_TYPES = ("exact", "hnsw", "ivf", "ivfpq")
 
 
+# A denser, more carefully built graph than faiss' usual M 32 / efConstruction 40-80: text queries land off
+# the molecule manifold, where a sparse graph needs a wide search. 1M MOSES, ChEBI-20 descriptions held out
+# from tuning (serve/benchmark_ann.py): M 32 / 80 needed efSearch 1024 for recall@10 0.950, 2.07 ms a
+# query; M 48 / 200 efSearch 512 for 0.950, 1.14 ms; built in 390 s against 172 (docs/serving.md).
+HNSW_BUILD = {"M": 48, "efConstruction": 200}
+
+
+def build_params(kind: str, params: dict | None = None) -> dict:
+    """The build parameters an index of `kind` gets: `params` over the defaults (recorded in the manifest)."""
+    return {**(HNSW_BUILD if kind == "hnsw" else {}), **(params or {})}
+
+
 def build_faiss(embeddings: np.ndarray, kind: str, params: dict | None = None):
     """An approximate faiss inner-product index: HNSW (M links), IVF-flat or IVF-PQ (nlist lists,
     trained on the data), with the search parameters in `params` (efSearch / nprobe) applied."""
     import faiss
 
     data = np.ascontiguousarray(embeddings, dtype=np.float32)
-    dim, params = data.shape[1], dict(params or {})
+    dim, params = data.shape[1], build_params(kind, params)
     if kind == "hnsw":
-        index = faiss.IndexHNSWFlat(dim, int(params.get("M", 32)), faiss.METRIC_INNER_PRODUCT)
-        index.hnsw.efConstruction = int(params.get("efConstruction", 80))
+        index = faiss.IndexHNSWFlat(dim, int(params["M"]), faiss.METRIC_INNER_PRODUCT)
+        index.hnsw.efConstruction = int(params["efConstruction"])
     elif kind in ("ivf", "ivfpq"):
         nlist = int(params.get("nlist", max(1, min(4 * int(np.sqrt(len(data))), len(data) // 39))))
         quantizer = faiss.IndexFlatIP(dim)
@@ -121,10 +133,13 @@ def tune_search(index, kind: str, embeddings: np.ndarray, queries: dict[str, np.
     """The smallest efSearch (HNSW) or nprobe (IVF) at which recall@10 against exact search
     reaches `target` for every query set; returns the parameters and the recall curve."""
     exact = {name: exact_top_k(q, embeddings) for name, q in queries.items() if len(q)}
+    # steps of 1.5x, not 2x: a search's cost grows with the parameter, and a doubling past the target paid
+    # for up to twice the search needed (1M MOSES, text queries: efSearch 1024 gave 0.934, 2048 0.955)
+    steps = [1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048, 3072, 4096]
     if kind == "hnsw":
-        name, values = "efSearch", [16, 32, 64, 128, 256, 512, 1024, 2048]
+        name, values = "efSearch", [v for v in steps if v >= 16]
     else:
-        name, values = "nprobe", [v for v in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512) if v < index.nlist] + [index.nlist]
+        name, values = "nprobe", [v for v in steps if v < index.nlist] + [index.nlist]
     curve = []
     for value in values:
         set_search_params(index, kind, {name: value})
@@ -151,7 +166,8 @@ def tuned_index(embeddings: np.ndarray, index_type: str, params: dict | None, qu
     if not queries:
         rng = np.random.default_rng(0)
         queries = {"library_items": embeddings[rng.choice(len(embeddings), min(1000, len(embeddings)), replace=False)]}
-    fields = {"build_params": dict(params or {}), **tune_search(index, index_type, embeddings, queries, recall_target)}
+    fields = {"build_params": build_params(index_type, params), **tune_search(index, index_type, embeddings, queries,
+                                                                               recall_target)}
     if "nlist" in dir(index):
         fields["search_params"]["nlist"] = int(index.nlist)
     return index, fields

@@ -200,8 +200,8 @@ class Ingress:
         if self.local is None:
             return await idempotent(self.encoder.text if kind == "text" else self.encoder.molecule, value)
         if kind == "text" and self.text_batcher is not None:
-            if self.searches_in_flight == 1 and len(value) <= self.text_batcher.max_chars:
-                return self.text_batcher.encode_here(value)  # alone, and short: no hop (ALONE_MAX_K)
+            if self._alone() and len(value) <= self.text_batcher.max_chars:
+                return self.text_batcher.encode_here(value)  # alone, and short: no hop
             return await self.text_batcher(value)
         # one query per call, in the default executor's threads: concurrent queries run side by side on the cores
         encode = self.local.text if kind == "text" else self.local.molecules
@@ -215,8 +215,8 @@ class Ingress:
                 return asyncio.to_thread(shard.search, vector, k)
             return idempotent(shard.search, vector, k)
 
-        if len(shards) == 1 and isinstance(shards[0], ShardIndex) and self.searches_in_flight == 1 and k <= ALONE_MAX_K:
-            answers = [shards[0].search(vector, k)]  # alone: in this thread, no hop (ALONE_MAX_K)
+        if len(shards) == 1 and isinstance(shards[0], ShardIndex) and self._alone() and k <= ALONE_MAX_K:
+            answers = [shards[0].search(vector, k)]  # alone: in this thread, no hop
         else:
             answers = await asyncio.gather(*[ask(shard) for shard in shards])
         if len(answers) == 1:  # one shard's answer is already the top k, in order
@@ -269,6 +269,10 @@ class Ingress:
             if query_smiles is None:  # links only (~0.03 ms a result): a thread hop would cost more
                 return {**answer, "results": [decorate(r) for r in results]}
             return {**answer, "results": await asyncio.to_thread(lambda: [decorate(r) for r in results])}  # Tanimoto
+
+    def _alone(self) -> bool:
+        """No other search in flight here: this one may hold the event loop (ALONE_MAX_K)."""
+        return self.searches_in_flight == 1
 
     async def _answer(self, mode: str, query, timings: Timings | None = None) -> dict:
         self.searches_in_flight += 1

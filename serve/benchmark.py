@@ -214,18 +214,16 @@ async def paired(client: aiohttp.ClientSession, bare: BareLibrary, texts: list[s
                                    for name in ("encode", "encode_cpu", "search_and_records")}}
 
 
-def decoration_cost(index_dir: str, count: int = 2000) -> dict:
+def decoration_cost(index, count: int = 2000) -> dict:
     """Per molecule, one core: what an index build now adds (InChIKey + properties, tmr.chem) beside
     what it already did (parse + featurise), and what a served result cost when they were computed
     per request (the same, parsing its SMILES again, on a cold cache) against reading them stored."""
-    import pyarrow.parquet as pq
     from rdkit import Chem
 
     from tmr.chem import inchikey_of, properties_of
     from tmr.data.featurize import graph_batch, parse_smiles
-    from tmr.index import RetrievalIndex
 
-    smiles = pq.read_table(Path(index_dir) / "metadata.parquet", columns=["smiles"]).column("smiles").to_pylist()[:count]
+    smiles = index.metadata.column("smiles").slice(0, count).to_pylist()
     started = time.perf_counter()
     parsed = [parse_smiles(s).mol for s in smiles]
     graph_batch(parsed)
@@ -239,7 +237,6 @@ def decoration_cost(index_dir: str, count: int = 2000) -> dict:
         mol = Chem.MolFromSmiles(s)
         inchikey_of(mol), properties_of(mol)
     per_request = time.perf_counter() - started
-    index = RetrievalIndex(index_dir)
     started = time.perf_counter()
     for start in range(0, len(smiles), 10):
         index.records(np.arange(start, min(start + 10, len(smiles))))
@@ -383,14 +380,18 @@ def main() -> None:
             async with session(port, args.client) as client:
                 await load(client, "/search/text", [{"text": q, "k": 10} for q in warm], 4)
                 runs, extra = {}, {}
-                for c in (1, 8, 32):  # a suffix per level: every measured query is new to the query cache
-                    if c == 32:  # the ceiling measured right before and right after: the share of their mean
-                        ceilings = [bare.ceiling([f"{q} (ceiling)" for q in measured])]
+
+                async def level(c: int) -> None:  # a suffix per level: every measured query is new to the query cache
                     runs[c] = await load(client, "/search/text", [{"text": f"{q} ({c})", "k": 10} for q in measured], c)
-                    if c == 1:
-                        extra["paired"] = await paired(client, bare, [f"{q} (paired)" for q in measured])
-                ceilings.append(bare.ceiling([f"{q} (ceiling)" for q in measured]))
-                extra["ceilings"] = ceilings
+
+                await level(1)
+                extra["paired"] = await paired(client, bare, [f"{q} (paired)" for q in measured])
+                await level(8)
+                # the ceiling measured right before and right after c=32: the share is of their mean
+                ceiling_texts = [f"{q} (ceiling)" for q in measured]
+                extra["ceilings"] = [bare.ceiling(ceiling_texts)]
+                await level(32)
+                extra["ceilings"].append(bare.ceiling(ceiling_texts))
                 extra["repeats"] = await load(client, "/search/text", [{"text": f"{q} (1)", "k": 10} for q in measured[:50]], 1)
                 return runs, extra
 
@@ -415,12 +416,12 @@ def main() -> None:
                             # the same from two phases a minute apart (the c=1 run, then bare.run): drift included
                             "serve_overhead_p50_ratio_c1_separate_phases": runs[1]["p50_ms"] / alone["p50_ms"],
                             "c32_qps_share_of_encoder_ceiling": runs[32]["qps"] / ceiling}
-        del bare
         # the first query is a ChEBI-20 description: against the steady c=1 p50 of those
         result["first_query_after_deploy"]["over_steady_p50"] = (
             result["first_query_after_deploy"]["ms"] / result["chebi"]["http"][0]["p50_ms"])
         result["worst_allowed_requests_ms"] = asyncio.run(worst_requests(port))
-        result["decoration_cost"] = decoration_cost(library["path"])
+        result["decoration_cost"] = decoration_cost(bare.index)
+        del bare  # its copy of the library, before the next one loads
         report["libraries"][name] = result
         print(name, json.dumps(result, indent=2), flush=True)
         if name == next(iter(libraries)):

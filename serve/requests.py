@@ -185,7 +185,7 @@ class QueryBatcher:
         self.encode, self.max_batch, self.spread, self.max_chars = encode, max_batch, spread, max_chars
         self.waiting: deque = deque()  # (text, future, loop), oldest first
         self.ready = threading.Condition()
-        self.batches = self.queries = self.here = 0
+        self.batches = self.queries = self.in_caller = 0
         for i in range(workers):
             threading.Thread(target=self._work, name=f"query-batcher-{i}", daemon=True).start()
 
@@ -196,23 +196,22 @@ class QueryBatcher:
             self.waiting.append((text, future, loop))
             self.ready.notify()
         vector, forward_ms, forward_cpu_ms = await future
-        timings = REQUEST_TIMINGS.get()
-        if timings is not None:  # the forward apart from the wait for a worker and the thread hops around it
-            timings.add("forward", forward_ms)
-            timings.add("forward_cpu", forward_cpu_ms)  # its CPU time: below `forward` when it waited for a core
+        _report_forward(forward_ms, forward_cpu_ms)
         return vector
 
     def encode_here(self, text: str) -> np.ndarray:
         """One query's forward in the calling thread, timed as a batch's: for a query alone in its replica,
         whose hops to a worker thread and back cost more than they buy (each wakes a sleeping core)."""
+        vectors, forward_ms, forward_cpu_ms = self._forward([text])
+        self.batches, self.queries, self.in_caller = self.batches + 1, self.queries + 1, self.in_caller + 1
+        _report_forward(forward_ms, forward_cpu_ms)
+        return vectors[0]
+
+    def _forward(self, texts: list[str]) -> tuple[np.ndarray, float, float]:
+        """The encoder on `texts`, with its wall and CPU milliseconds (this thread's)."""
         started, started_cpu = time.perf_counter(), time.thread_time()
-        vector = np.asarray(self.encode([text]))[0]
-        timings = REQUEST_TIMINGS.get()
-        if timings is not None:
-            timings.add("forward", 1000 * (time.perf_counter() - started))
-            timings.add("forward_cpu", 1000 * (time.thread_time() - started_cpu))
-        self.batches, self.queries, self.here = self.batches + 1, self.queries + 1, self.here + 1
-        return vector
+        vectors = np.asarray(self.encode(texts))
+        return vectors, 1000 * (time.perf_counter() - started), 1000 * (time.thread_time() - started_cpu)
 
     def _take(self) -> list[tuple]:
         with self.ready:
@@ -232,11 +231,8 @@ class QueryBatcher:
     def _work(self) -> None:
         while True:
             batch = self._take()
-            started, started_cpu = time.perf_counter(), time.thread_time()
             try:
-                vectors = np.asarray(self.encode([text for text, _, _ in batch]))
-                forward_ms = 1000 * (time.perf_counter() - started)
-                forward_cpu_ms = 1000 * (time.thread_time() - started_cpu)
+                vectors, forward_ms, forward_cpu_ms = self._forward([text for text, _, _ in batch])
                 outcomes = [(True, (vector, forward_ms, forward_cpu_ms)) for vector in vectors]
             except Exception as error:  # noqa: BLE001: handed to the waiting requests, whatever it is
                 outcomes = [(False, error)] * len(batch)
@@ -245,11 +241,20 @@ class QueryBatcher:
                 loop.call_soon_threadsafe(_settle, future, *outcome)
 
     def stats(self) -> dict:
-        return {"batches": self.batches, "queries": self.queries, "in_caller": self.here}
+        return {"batches": self.batches, "queries": self.queries, "in_caller": self.in_caller}
 
 
 # the Timings of the request being handled, for stages timed below the handler (the batcher's forward)
 REQUEST_TIMINGS: ContextVar["Timings | None"] = ContextVar("request_timings", default=None)
+
+
+def _report_forward(forward_ms: float, forward_cpu_ms: float) -> None:
+    """A forward's wall and CPU time into the request's Server-Timing: the forward apart from the wait for
+    a worker and the thread hops around it; its CPU time below its wall time when it waited for a core."""
+    timings = REQUEST_TIMINGS.get()
+    if timings is not None:
+        timings.add("forward", forward_ms)
+        timings.add("forward_cpu", forward_cpu_ms)
 
 
 def _settle(future: asyncio.Future, ok: bool, value) -> None:
